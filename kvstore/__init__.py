@@ -1,0 +1,40 @@
+"""kvstore: LLM KV-cache chunks in object stores, one interface over every backend.
+
+``kvstore.open(url, extra_config)`` gives a ``KVStore``; ``kvstore.resolve`` shows the
+configuration it would use. Backend client libraries are imported only when a store is opened.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from kvstore.backends.base import ObjectInfo
+from kvstore.config import Credentials, StoreConfig, resolve
+from kvstore.errors import (
+    AuthError, BackendUnavailable, BucketNotFound, BufferTooSmall, ConfigError, IntegrityError, InvalidKey,
+    KVStoreError, PreconditionFailed, StoreTimeout, StoreUnavailable,
+)
+from kvstore.store import KVStore
+
+__version__ = "0.1.0"
+
+
+def open(url: str | None, extra_config: Mapping | None = None) -> KVStore:  # noqa: A001 - the public name
+    """Open the store that ``url`` and ``extra_config`` describe (see ``resolve``)."""
+    return open_config(resolve(url, extra_config))
+
+
+def open_config(config: StoreConfig) -> KVStore:
+    """Open a store from an already resolved ``StoreConfig``."""
+    from kvstore.backends import backend_class
+    from kvstore.layers import wrap
+
+    backend = backend_class(config.backend)(config)
+    return KVStore(config, wrap(backend, config))
+
+
+__all__ = [
+    "AuthError", "BackendUnavailable", "BucketNotFound", "BufferTooSmall", "ConfigError", "Credentials",
+    "IntegrityError", "InvalidKey", "KVStore", "KVStoreError", "ObjectInfo", "PreconditionFailed", "StoreConfig",
+    "StoreTimeout", "StoreUnavailable", "open", "open_config", "resolve",
+]

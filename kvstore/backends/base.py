@@ -1,0 +1,130 @@
+"""The narrow protocol every backend implements: object names in, buffers and metadata out.
+
+A backend moves bytes and nothing else: no retries, deadlines, metrics, checksums or key
+mapping (those are layers, see ``kvstore.layers``). Every method is blocking and thread-safe;
+``KVStore`` runs them on its own bounded pool for batches and asyncio.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterable, Iterator, Mapping
+
+from kvstore.config import StoreConfig
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What ``stat`` knows of one object. ``key`` is relative to the store's prefix."""
+
+    key: str
+    size: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    last_modified: float | None = None  # seconds since the epoch
+    etag: str | None = None
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    """What a read returns besides the bytes: the object's size and metadata."""
+
+    size: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; the conformance suite skips cases that do not apply."""
+
+    metadata: bool = True
+    conditional_put: bool = False
+    listing: bool = True
+    last_modified: bool = True
+
+
+class Backend(abc.ABC):
+    """One object store reached one way. Names are full object names (prefix included)."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def put(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
+        """Store ``data`` (a flat byte view) under ``name``, atomically: readers see old or new, never a mix."""
+
+    @abc.abstractmethod
+    def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
+        """Read the whole object into the start of ``buffer``; None on a miss.
+
+        Raises ``BufferTooSmall`` before writing past the end when the object is larger, and
+        ``IntegrityError`` when fewer bytes arrive than the object's advertised size.
+        """
+
+    def get(self, name: str) -> tuple[bytes | bytearray | memoryview, ReadResult] | None:
+        """The whole object as bytes. The default sizes a buffer with ``head`` first."""
+        info = self.head(name)
+        if info is None:
+            return None
+        buffer = bytearray(info.size)
+        result = self.get_into(name, memoryview(buffer))
+        if result is None:
+            return None
+        if result.size != info.size:  # replaced between HEAD and GET: read again at the new size
+            return self.get(name)
+        return buffer, result
+
+    @abc.abstractmethod
+    def head(self, name: str) -> ObjectInfo | None:
+        """Size and metadata of ``name`` (``key`` set to the full name); None when absent."""
+
+    @abc.abstractmethod
+    def delete(self, name: str) -> bool:
+        """Remove ``name``; False when it was not there."""
+
+    def delete_many(self, names: list[str]) -> list[bool]:
+        """Remove several objects; native batch calls where the service has them."""
+        return [self.delete(name) for name in names]
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose name starts with ``prefix`` (``key`` set to the full name), any order."""
+
+    def close(self) -> None:
+        """Release clients, threads and sockets. Idempotent."""
+
+
+def as_byte_view(data: object) -> memoryview:
+    """A flat, read-only byte view of any buffer (bytes, bytearray, numpy, torch CPU tensor) without copying."""
+    if hasattr(data, "numpy") and hasattr(data, "is_contiguous") and hasattr(data, "device"):
+        data = _torch_bytes(data)
+    view = memoryview(data)
+    if not view.contiguous:
+        raise ValueError("data must be a contiguous buffer")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def as_writable_view(buffer: object) -> memoryview:
+    """A flat, writable byte view of a caller's buffer, without copying."""
+    if hasattr(buffer, "numpy") and hasattr(buffer, "is_contiguous") and hasattr(buffer, "device"):
+        buffer = _torch_bytes(buffer)
+    view = memoryview(buffer)
+    if view.readonly:
+        raise ValueError("get_into needs a writable buffer (bytearray, memoryview, numpy array, CPU tensor)")
+    if not view.contiguous:
+        raise ValueError("get_into needs a contiguous buffer")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _torch_bytes(tensor):
+    """A uint8 numpy view sharing the tensor's memory (works for bf16, which numpy lacks)."""
+    if tensor.device.type != "cpu":
+        raise ValueError(f"only CPU tensors can be read or written directly, got device {tensor.device}")
+    if not tensor.is_contiguous():
+        raise ValueError("tensor must be contiguous")
+    flat = tensor.detach().reshape(-1)
+    return flat.view(__import__("torch").uint8).numpy() if flat.numel() else bytearray()
+
+

@@ -1,0 +1,62 @@
+"""Process-local, thread-safe store: the reference implementation the conformance suite is checked on."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterator, Mapping
+
+from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult
+from kvstore.errors import BufferTooSmall, PreconditionFailed
+
+# Stores of the same name share their objects, as two clients of one bucket would.
+_SPACES: dict[str, dict[str, tuple[bytes, dict[str, str], float]]] = {}
+_SPACES_LOCK = threading.Lock()
+
+
+class MemoryBackend(Backend):
+    capabilities = Capabilities(conditional_put=True)
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        with _SPACES_LOCK:
+            self._objects = _SPACES.setdefault(config.location, {})
+        self._lock = _SPACES_LOCK
+
+    def put(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
+        value = (bytes(data), dict(metadata), time.time())
+        with self._lock:
+            if if_absent and name in self._objects:
+                raise PreconditionFailed(f"{name!r} already exists")
+            self._objects[name] = value
+
+    def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
+        with self._lock:
+            entry = self._objects.get(name)
+        if entry is None:
+            return None
+        data, metadata, _ = entry
+        if len(data) > len(buffer):
+            raise BufferTooSmall(name, len(data), len(buffer))
+        buffer[: len(data)] = data
+        return ReadResult(len(data), dict(metadata))
+
+    def get(self, name: str):
+        with self._lock:
+            entry = self._objects.get(name)
+        return None if entry is None else (entry[0], ReadResult(len(entry[0]), dict(entry[1])))
+
+    def head(self, name: str) -> ObjectInfo | None:
+        with self._lock:
+            entry = self._objects.get(name)
+        return None if entry is None else ObjectInfo(name, len(entry[0]), dict(entry[1]), entry[2])
+
+    def delete(self, name: str) -> bool:
+        with self._lock:
+            return self._objects.pop(name, None) is not None
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        with self._lock:
+            snapshot = [(n, e) for n, e in self._objects.items() if n.startswith(prefix)]
+        for name, (data, metadata, mtime) in snapshot:
+            yield ObjectInfo(name, len(data), dict(metadata), mtime)

@@ -1,0 +1,1 @@
+"""The ``kvstore`` command line: one small module per command group, thin over the public API."""

@@ -1,0 +1,428 @@
+"""``resolve(url, extra_config) -> StoreConfig``: the one place where configuration is decided.
+
+Precedence, highest first: the URL, extra_config, the environment (``AWS_*``), the profile's
+defaults. ``kvstore_profile`` / ``kvstore_backend`` override detection. Pure: reads
+``os.environ`` (or the mapping given) and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from kvstore.config import keys as K
+from kvstore.config.profiles import (
+    AZ_REGIONS, MiB, PROFILES, Detected, detect, detect_endpoint_host, express_zone,
+    s3express_host, valid_bucket,
+)
+from kvstore.errors import ConfigError
+
+DEFAULTS = {
+    "io_threads": 0,
+    "max_inflight": 32,
+    "timeout_s": 30.0,
+    "connect_timeout_s": 5.0,
+    "max_retries": 4,
+    "save_chunk_meta": False,
+    "key_layout": "flat",
+    "fsync": False,
+    "capacity_bytes": 0,
+    "breaker_threshold": 5,
+    "breaker_reset_s": 5.0,
+    "region_fallback": "us-east-1",
+}
+MAX_PART = 5 * 1024 * MiB
+
+
+class Secret(str):
+    """A string that never shows itself in repr or str formatting of containers."""
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    def reveal(self) -> str:
+        return str.__str__(self)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where credentials come from. The secret parts are ``Secret`` and never printed."""
+
+    source: str  # "static" (extra_config), "env", "profile", "default-chain", "none"
+    access_key_id: str | None = None
+    secret_access_key: Secret | None = field(default=None, repr=False)
+    session_token: Secret | None = field(default=None, repr=False)
+    profile_name: str | None = None
+
+    def __repr__(self) -> str:
+        shown = f"source={self.source!r}"
+        if self.access_key_id:
+            shown += f", access_key_id={_mask(self.access_key_id)!r}, secret_access_key='***'"
+        if self.session_token:
+            shown += ", session_token='***'"
+        if self.profile_name:
+            shown += f", profile_name={self.profile_name!r}"
+        return f"Credentials({shown})"
+
+    __str__ = __repr__
+
+    def describe(self) -> str:
+        if self.source in ("static", "env"):
+            return f"{self.source} key {_mask(self.access_key_id or '')}"
+        if self.source == "profile":
+            return f"shared profile {self.profile_name!r}"
+        return self.source
+
+
+def _mask(access_key_id: str) -> str:
+    return access_key_id[:4] + "…" if len(access_key_id) > 4 else "…"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """A validated, frozen store configuration. ``sources`` says where each field came from."""
+
+    profile: str
+    backend: str
+    bucket: str = ""
+    prefix: str = ""
+    endpoint: str = ""  # what the client connects to: scheme://host[:port] (bucket in the host when virtual)
+    base_endpoint: str = ""  # the service endpoint without the bucket (obstore, s3fs build their own)
+    region: str = ""
+    addressing: str = ""
+    tls: bool = True
+    s3express: bool = False
+    prefer_http2: bool = False
+    io_threads: int = 0
+    max_inflight: int = 32
+    part_size: int = 8 * MiB
+    timeout_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    max_retries: int = 4
+    checksum: str = "none"
+    ca_bundle: str | None = None
+    credentials: Credentials = field(default_factory=lambda: Credentials("none"))
+    location: str = ""  # file root, memory name or fsspec URL
+    save_chunk_meta: bool = False
+    key_layout: str = "flat"
+    fsync: bool = False
+    capacity_bytes: int = 0
+    breaker_threshold: int = 5
+    breaker_reset_s: float = 5.0
+    ignored_keys: tuple[str, ...] = ()
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_s3(self) -> bool:
+        return PROFILES[self.profile].is_s3
+
+    @property
+    def url(self) -> str:
+        """A canonical URL for this store (no secrets)."""
+        if self.is_s3:
+            tail = f"/{self.prefix}" if self.prefix else ""
+            return f"s3://{self.bucket}{tail}"
+        if self.profile == "file":
+            return f"file://{self.location}"
+        if self.profile == "memory":
+            return f"memory://{self.location}"
+        return self.location
+
+    def source_of(self, name: str) -> str:
+        return self.sources.get(name, "default")
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(field, shown value, source) for display; secrets redacted."""
+        out = []
+        for f in fields(self):
+            if f.name == "sources":
+                continue
+            value = getattr(self, f.name)
+            shown = value.describe() if isinstance(value, Credentials) else (", ".join(value) if isinstance(value, tuple) else str(value))
+            out.append((f.name, shown, self.source_of(f.name)))
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, secrets redacted."""
+        result: dict[str, Any] = {}
+        for name, _, source in self.rows():
+            value = getattr(self, name)
+            if isinstance(value, Credentials):
+                value = {"source": value.source, "access_key_id": _mask(value.access_key_id) if value.access_key_id else None,
+                         "profile_name": value.profile_name}
+            result[name] = {"value": list(value) if isinstance(value, tuple) else value, "source": source}
+        return result
+
+    def with_overrides(self, **changes: Any) -> "StoreConfig":
+        """A copy with some fields changed (sources marked as overridden)."""
+        sources = dict(self.sources)
+        sources.update({name: "override" for name in changes})
+        return replace(self, **changes, sources=MappingProxyType(sources))
+
+
+class _Builder:
+    """Collects field values with their sources and reports conflicts."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+
+    def set(self, name: str, value: Any, source: str, *, conflict_with_url: bool = True) -> None:
+        if name in self.values and self.values[name] != value:
+            old = self.sources[name]
+            if old == "url" and not conflict_with_url:
+                return
+            raise ConfigError(
+                f"conflicting values for {name}: {self.values[name]!r} ({old}) and {value!r} ({source})",
+                key=source.partition(":")[2] or name,
+            )
+        self.values[name] = value
+        self.sources.setdefault(name, source)
+
+    def default(self, name: str, value: Any, source: str) -> None:
+        if name not in self.values:
+            self.values[name] = value
+            self.sources[name] = source
+
+
+def _parse_extra(extra_config: Mapping | None) -> tuple[dict[str, Any], tuple[str, ...]]:
+    if extra_config is None:
+        return {}, ()
+    if not isinstance(extra_config, Mapping):
+        raise ConfigError(f"extra_config must be a mapping, got {type(extra_config).__name__}")
+    parsed: dict[str, Any] = {}
+    ignored = []
+    for name, raw in extra_config.items():
+        key = K.classify(name)
+        if key is None:
+            ignored.append(str(name))
+            continue
+        if raw is None:
+            continue
+        try:
+            parsed[name] = key.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"extra_config[{name!r}]: {exc}", key=name) from None
+    return parsed, tuple(sorted(ignored))
+
+
+def _url_from(url: str | None, extra: dict[str, Any]) -> tuple[Detected, str]:
+    given = [(src, val) for src, val in (("url", url), ("extra_config:kvstore_url", extra.get("kvstore_url"))) if val]
+    if "s3_endpoint" in extra:
+        given.append(("extra_config:s3_endpoint", extra["s3_endpoint"]))
+    if not given:
+        raise ConfigError("a store URL is required (the url argument, kvstore_url or s3_endpoint)")
+    detected = [(src, detect_endpoint_host(v) if src.endswith("s3_endpoint") else detect(v)) for src, v in given]
+    first_src, first = detected[0]
+    for src, other in detected[1:]:
+        if (other.profile, other.bucket, other.prefix, other.endpoint, other.location) != (
+            first.profile, first.bucket, first.prefix, first.endpoint, first.location
+        ):
+            raise ConfigError(f"{src} names another store than {first_src}", key=src.partition(":")[2])
+    return first, first_src
+
+
+def resolve(url: str | None, extra_config: Mapping | None = None, *, env: Mapping[str, str] | None = None) -> StoreConfig:
+    """Turn an LMCache-style URL plus extra_config into a validated, frozen ``StoreConfig``."""
+    env = os.environ if env is None else env
+    extra, ignored = _parse_extra(extra_config)
+    detected, url_source = _url_from(url, extra)
+    if detected.profile == "file":
+        detected = replace(detected, location=os.path.abspath(os.path.expanduser(detected.location)))
+    b = _Builder()
+    for name in ("bucket", "prefix", "endpoint", "region", "addressing", "tls", "location"):
+        value = getattr(detected, name)
+        if value not in (None, "") and (name in detected.fields_from_url or name in ("bucket", "prefix", "location")):
+            b.set(name, value, url_source)
+
+    profile_name = detected.profile
+    if "kvstore_profile" in extra:
+        profile_name = extra["kvstore_profile"]
+        b.sources["profile"] = "extra_config:kvstore_profile"
+    b.values["profile"] = profile_name
+    b.sources.setdefault("profile", url_source)
+
+    # The endpoint given apart from the URL (self-hosted S3) decides the profile when the URL did not.
+    if "s3_endpoint_url" in extra:
+        _apply_endpoint_url(b, extra["s3_endpoint_url"], "extra_config:s3_endpoint_url", detected)
+    elif "endpoint" not in b.values and PROFILES[profile_name].is_s3:
+        env_endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if env_endpoint:
+            _apply_endpoint_url(b, env_endpoint, "env:AWS_ENDPOINT_URL", detected)
+    profile = PROFILES[b.values["profile"]]
+
+    for name, value in extra.items():
+        key = K.BY_NAME[name]
+        if key.field in (None, "credentials", "profile", "endpoint"):
+            continue
+        source = f"extra_config:{name}"
+        if key.field == "tls":
+            b.set("tls", not value, source)
+        elif key.field == "prefix":
+            b.set("prefix", value.strip("/"), source)
+        elif key.field == "capacity_bytes":
+            b.set("capacity_bytes", int(value * 1024**3), source)
+        else:
+            b.set(key.field, value, source)
+
+    region_env = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region_env and profile.is_s3:
+        b.default("region", region_env, "env:AWS_REGION")
+
+    if detected.tls is not None:
+        b.default("tls", detected.tls, url_source)
+    _apply_profile_defaults(b, profile)
+    credentials, cred_source = _credentials(extra, env, profile.is_s3)
+    b.values["credentials"] = credentials
+    b.sources["credentials"] = cred_source
+    b.values["ignored_keys"] = ignored
+    if ignored:
+        b.sources["ignored_keys"] = "extra_config"
+    _validate(b.values, profile)
+    return StoreConfig(**b.values, sources=MappingProxyType(dict(b.sources)))
+
+
+def _apply_endpoint_url(b: _Builder, endpoint_url: str, source: str, detected: Detected) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{source.partition(':')[2]} must be http(s)://host[:port], got {endpoint_url!r}",
+                          key=source.partition(":")[2])
+    if parts.path.strip("/"):
+        raise ConfigError(f"{source.partition(':')[2]} must not have a path (put the bucket in the URL): {endpoint_url!r}",
+                          key=source.partition(":")[2])
+    if "endpoint" in b.values and b.values["endpoint"] != parts.netloc.lower():
+        raise ConfigError(f"the URL names host {b.values['endpoint']!r} but {source} names {endpoint_url!r}",
+                          key=source.partition(":")[2])
+    b.values["endpoint"] = parts.netloc.lower()
+    b.sources["endpoint"] = source
+    b.set("tls", parts.scheme == "https", source, conflict_with_url=False)
+    host = parts.hostname.lower()
+    if b.sources["profile"].startswith("extra_config"):
+        return
+    if host.endswith(("cwlota.com", "cwobject.com")):
+        b.values["profile"] = "coreweave"
+    elif host.endswith("amazonaws.com"):
+        b.values["profile"] = "aws"
+    elif detected.profile == "aws":
+        b.values["profile"] = "s3"
+        b.values.pop("addressing", None)
+    b.sources["profile"] = source
+
+
+def _apply_profile_defaults(b: _Builder, profile) -> None:
+    src = f"profile:{profile.name}"
+    b.default("backend", profile.backend, src)
+    if not profile.is_s3:
+        for name in ("bucket", "endpoint", "region", "addressing"):
+            b.values.pop(name, None)
+            b.sources.pop(name, None)
+        b.default("tls", False, src)
+    for name in ("io_threads", "max_inflight", "timeout_s", "connect_timeout_s", "max_retries", "save_chunk_meta",
+                 "key_layout", "fsync", "capacity_bytes", "breaker_threshold", "breaker_reset_s"):
+        b.default(name, DEFAULTS[name], "default")
+    b.default("checksum", profile.checksum, src)
+    b.default("part_size", profile.part_size, src)
+    if not profile.is_s3:
+        return
+    b.default("addressing", profile.addressing, src)
+    b.default("tls", True, src)
+    b.default("s3express", profile.name == "s3express", src)
+    b.default("prefer_http2", profile.prefer_http2, src)
+    bucket = b.values.get("bucket", "")
+    if profile.name == "s3express" and "region" not in b.values:
+        zone = express_zone(bucket)
+        region = AZ_REGIONS.get(zone.rsplit("-", 1)[0]) if zone else None
+        if region:
+            b.default("region", region, "url:availability zone")
+    if profile.name in ("aws", "s3express") and "region" not in b.values:
+        raise ConfigError(f"s3_region is required for {profile.name} bucket {bucket!r} (or put it in the host, "
+                          f"or set AWS_REGION)", key="s3_region")
+    b.default("region", DEFAULTS["region_fallback"], "default")
+    if "endpoint" not in b.values:
+        b.default("endpoint", _default_host(profile.name, bucket, b.values["region"]), src)
+    b.sources["base_endpoint"] = b.sources["endpoint"]
+
+
+def _default_host(profile: str, bucket: str, region: str) -> str:
+    if profile == "s3express":
+        zone = express_zone(bucket)
+        if not zone:
+            raise ConfigError(f"S3 Express bucket names look like NAME--AZID--x-s3, got {bucket!r}")
+        return s3express_host(zone, region)
+    if profile == "aws":
+        return f"s3.{region}.amazonaws.com"
+    raise ConfigError(f"the {profile} profile needs an endpoint: s3_endpoint_url or a host:port in the URL",
+                      key="s3_endpoint_url")
+
+
+def _credentials(extra: dict[str, Any], env: Mapping[str, str], is_s3: bool) -> tuple[Credentials, str]:
+    if not is_s3:
+        return Credentials("none"), "default"
+    ak, sk, token = extra.get("aws_access_key_id"), extra.get("aws_secret_access_key"), extra.get("aws_session_token")
+    if ak or sk:
+        if not (ak and sk):
+            missing = "aws_secret_access_key" if ak else "aws_access_key_id"
+            raise ConfigError(f"{missing} is required with {'aws_access_key_id' if ak else 'aws_secret_access_key'}",
+                              key=missing)
+        return Credentials("static", ak, Secret(sk), Secret(token) if token else None), "extra_config:aws_access_key_id"
+    if token:
+        raise ConfigError("aws_session_token needs aws_access_key_id and aws_secret_access_key", key="aws_session_token")
+    if "aws_profile" in extra:
+        return Credentials("profile", profile_name=extra["aws_profile"]), "extra_config:aws_profile"
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        token = env.get("AWS_SESSION_TOKEN")
+        return (Credentials("env", env["AWS_ACCESS_KEY_ID"], Secret(env["AWS_SECRET_ACCESS_KEY"]),
+                            Secret(token) if token else None), "env:AWS_ACCESS_KEY_ID")
+    if env.get("AWS_PROFILE"):
+        return Credentials("profile", profile_name=env["AWS_PROFILE"]), "env:AWS_PROFILE"
+    return Credentials("default-chain"), "default"
+
+
+def _validate(values: dict[str, Any], profile) -> None:
+    backend = values["backend"]
+    allowed = {"file": ("file", "fsspec"), "memory": ("memory",), "fsspec": ("fsspec",)}.get(
+        profile.name, ("crt", "obstore", "fsspec"))
+    if backend not in allowed:
+        raise ConfigError(f"backend {backend!r} cannot serve the {profile.name} profile (use one of {', '.join(allowed)})",
+                          key="kvstore_backend")
+    for name, low in (("io_threads", 0), ("max_inflight", 1), ("max_retries", 0), ("breaker_threshold", 0)):
+        if values[name] < low or values[name] > 100_000:
+            raise ConfigError(f"{name} must be between {low} and 100000, got {values[name]}", key=name)
+    for name in ("timeout_s", "connect_timeout_s", "breaker_reset_s"):
+        if not 0 < values[name] <= 86_400:
+            raise ConfigError(f"{name} must be a positive number of seconds, got {values[name]}", key=name)
+    if values["capacity_bytes"] < 0:
+        raise ConfigError("max_capacity_gb must not be negative", key="max_capacity_gb")
+    if not profile.is_s3:
+        if values.get("s3express"):
+            raise ConfigError(f"s3_enable_s3express does not apply to the {profile.name} profile", key="s3_enable_s3express")
+        return
+    bucket = values.get("bucket", "")
+    if not valid_bucket(bucket):
+        raise ConfigError(f"invalid bucket name {bucket!r}: 3-63 characters, letters, digits, '.', '-'")
+    if values["addressing"] not in profile.allowed_addressing:
+        raise ConfigError(f"the {profile.name} profile only supports {'/'.join(profile.allowed_addressing)} addressing",
+                          key="s3_addressing_style")
+    if profile.tls_only and not values["tls"]:
+        raise ConfigError(f"the {profile.name} profile is HTTPS only: drop disable_tls", key="disable_tls")
+    if values["s3express"] and not express_zone(bucket):
+        raise ConfigError(f"s3_enable_s3express needs a directory bucket named NAME--AZID--x-s3, got {bucket!r}",
+                          key="s3_enable_s3express")
+    if profile.name == "s3express" and not values["s3express"]:
+        raise ConfigError("S3 Express buckets need s3_enable_s3express (session auth): it cannot be false here",
+                          key="s3_enable_s3express")
+    if not profile.min_part_size <= values["part_size"] <= MAX_PART:
+        raise ConfigError(f"s3_part_size must be between {profile.min_part_size // MiB} MiB ({profile.name}) and 5 GiB, "
+                          f"got {values['part_size']}", key="s3_part_size")
+    # One place turns the service host into what clients connect to: scheme from TLS, bucket in the
+    # host for virtual-hosted addressing.
+    scheme = "https" if values["tls"] else "http"
+    values["base_endpoint"] = f"{scheme}://{values['endpoint']}"
+    if values["addressing"] == "virtual":
+        values["endpoint"] = f"{scheme}://{bucket}.{values['endpoint']}"
+    else:
+        values["endpoint"] = values["base_endpoint"]

@@ -1,0 +1,50 @@
+"""``Layer``: a backend that wraps another and routes every call through ``around``."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Mapping, TypeVar
+
+from kvstore.backends.base import Backend, ObjectInfo, ReadResult
+
+T = TypeVar("T")
+
+
+class Layer(Backend):
+    """Forwards each operation to ``inner`` through ``around(op, call)``; subclasses override either."""
+
+    def __init__(self, inner: Backend, config) -> None:
+        super().__init__(config)
+        self.inner = inner
+        self.capabilities = inner.capabilities
+
+    def around(self, op: str, call: Callable[[], T], nbytes: int = 0) -> T:
+        return call()
+
+    def put(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
+        return self.around("put", lambda: self.inner.put(name, data, metadata, if_absent=if_absent), len(data))
+
+    def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
+        return self.around("get_into", lambda: self.inner.get_into(name, buffer))
+
+    def get(self, name: str):
+        return self.around("get", lambda: self.inner.get(name))
+
+    def head(self, name: str) -> ObjectInfo | None:
+        return self.around("head", lambda: self.inner.head(name))
+
+    def delete(self, name: str) -> bool:
+        return self.around("delete", lambda: self.inner.delete(name))
+
+    def delete_many(self, names: list[str]) -> list[bool]:
+        return self.around("delete_many", lambda: self.inner.delete_many(names))
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        # Listing is materialised so that a retry restarts it from the beginning.
+        return iter(self.around("list", lambda: list(self.inner.list(prefix))))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def unwrap(self) -> Backend:
+        inner = self.inner
+        return inner.unwrap() if isinstance(inner, Layer) else inner

@@ -1,0 +1,64 @@
+"""A circuit breaker: after repeated connection failures, fail fast, then probe to recover.
+
+Unlike LMCache's, it is never open for good: after ``breaker_reset_s`` one call goes through
+(half-open); success closes it, failure opens it for another period.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, TypeVar
+
+from kvstore.errors import StoreTimeout, StoreUnavailable
+from kvstore.layers.base import Layer
+
+T = TypeVar("T")
+
+
+class BreakerLayer(Layer):
+    def __init__(self, inner, config, metrics) -> None:
+        super().__init__(inner, config)
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probing = False
+        metrics.gauge("breaker_state", lambda: self.state)
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            if self._opened_at is None:
+                return "closed"
+            if time.monotonic() - self._opened_at >= self.config.breaker_reset_s:
+                return "half-open"
+            return "open"
+
+    def around(self, op: str, call: Callable[[], T], nbytes: int = 0) -> T:
+        with self._lock:
+            if self._opened_at is not None:
+                waited = time.monotonic() - self._opened_at
+                if waited < self.config.breaker_reset_s or self._probing:
+                    raise StoreUnavailable(
+                        f"circuit open after {self._failures} connection failures; retrying in "
+                        f"{max(0.0, self.config.breaker_reset_s - waited):.1f} s", retryable=False, connection=True)
+                self._probing = True
+        try:
+            result = call()
+        except (StoreUnavailable, StoreTimeout) as exc:
+            connection = isinstance(exc, StoreTimeout) or exc.connection
+            with self._lock:
+                self._probing = False
+                if connection:
+                    self._failures += 1
+                    if self._failures >= self.config.breaker_threshold or self._opened_at is not None:
+                        if self._opened_at is None:
+                            self.metrics.count("breaker_opened", op)
+                        self._opened_at = time.monotonic()
+            raise
+        with self._lock:
+            self._failures = 0
+            self._opened_at = None
+            self._probing = False
+        return result

@@ -1,0 +1,247 @@
+"""``KVStore``: the one public face over a (layered) backend.
+
+It maps keys to object names (``<prefix>/<key>``, nothing else), validates keys and metadata,
+bounds requests in flight once for every caller, and derives the batched and asyncio calls from
+the backend's blocking ones on a single thread pool. It never creates an event loop: async
+methods run on the caller's loop and never block it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, TypeVar
+
+from kvstore.backends.base import Backend, ObjectInfo, as_byte_view, as_writable_view
+from kvstore.config import StoreConfig
+from kvstore.errors import InvalidKey, KVStoreError
+
+T = TypeVar("T")
+MAX_NAME_BYTES = 1024  # S3's limit on an object name
+MAX_METADATA_BYTES = 2048  # S3's limit on user metadata
+_META_KEY_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+class KVStore:
+    """A KV-chunk store: ``put`` / ``get`` / ``get_into`` and friends, sync, batched and async.
+
+    Build one with ``kvstore.open(url, extra_config)``. Thread-safe; close it (or use ``with``)
+    to release the client and its threads.
+    """
+
+    def __init__(self, config: StoreConfig, backend: Backend) -> None:
+        self.config = config
+        self._backend = backend
+        self._prefix = config.prefix.strip("/") + "/" if config.prefix.strip("/") else ""
+        self._pool = ThreadPoolExecutor(max_workers=config.max_inflight, thread_name_prefix="kvstore")
+        self._inflight = threading.BoundedSemaphore(config.max_inflight)
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"KVStore({self.config.url!r}, profile={self.config.profile!r}, backend={self.config.backend!r})"
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    # -- names -------------------------------------------------------------------------------
+    def name_of(self, key: str) -> str:
+        """The object name a key is stored under."""
+        if not isinstance(key, str) or not key:
+            raise InvalidKey(f"keys are non-empty strings, got {key!r}")
+        if any(ord(c) < 32 or ord(c) == 127 for c in key):
+            raise InvalidKey(f"control characters in key {key!r}")
+        name = self._prefix + key
+        try:
+            size = len(name.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidKey(f"key {key!r} is not valid Unicode text") from None
+        if size > MAX_NAME_BYTES:
+            raise InvalidKey(f"key too long: {size} bytes with the prefix, at most {MAX_NAME_BYTES}")
+        return name
+
+    def _key_of(self, name: str) -> str:
+        return name[len(self._prefix):]
+
+    @staticmethod
+    def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+        if not metadata:
+            return {}
+        out = {}
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not k or not set(k) <= _META_KEY_CHARS:
+                raise InvalidKey(f"metadata keys are lowercase letters, digits, '-' and '_': {k!r}")
+            if not isinstance(v, str) or not v.isascii() or any(ord(c) < 32 for c in v):
+                raise InvalidKey(f"metadata values are printable ASCII strings: {k}={v!r}")
+            out[k] = v
+        if sum(len(k) + len(v) for k, v in out.items()) > MAX_METADATA_BYTES:
+            raise InvalidKey(f"metadata larger than {MAX_METADATA_BYTES} bytes")
+        return out
+
+    # -- core ----------------------------------------------------------------------------
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise KVStoreError("the store is closed")
+        with self._inflight:
+            return fn(*args)
+
+    def put(self, key: str, data: Any, metadata: Mapping[str, str] | None = None, *, if_absent: bool = False) -> None:
+        """Store ``data`` (any contiguous buffer) under ``key``; ``if_absent`` refuses to overwrite."""
+        name, view, meta = self.name_of(key), as_byte_view(data), self._check_metadata(metadata)
+        self._run(lambda: self._backend.put(name, view, meta, if_absent=if_absent))
+
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None on a miss."""
+        name = self.name_of(key)
+        result = self._run(self._backend.get, name)
+        if result is None:
+            return None
+        data = result[0]
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def get_into(self, key: str, buffer: Any) -> int | None:
+        """Fill ``buffer`` (bytearray, memoryview, numpy array, CPU tensor) with the object; its size, or None."""
+        name, view = self.name_of(key), as_writable_view(buffer)
+        result = self._run(self._backend.get_into, name, view)
+        return None if result is None else result.size
+
+    def exists(self, key: str) -> bool:
+        return self.stat(key) is not None
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size and metadata of ``key``, or None."""
+        name = self.name_of(key)
+        info = self._run(self._backend.head, name)
+        return None if info is None else ObjectInfo(key, info.size, info.metadata, info.last_modified, info.etag)
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; False when it was not there."""
+        name = self.name_of(key)
+        return self._run(self._backend.delete, name)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys (relative to the store's prefix) that start with ``prefix``, sorted."""
+        for info in self.scan(prefix):
+            yield info.key
+
+    def scan(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Like ``list``, with each object's size, metadata and modification time."""
+        if self._closed:
+            raise KVStoreError("the store is closed")
+        infos = sorted(self._backend.list(self._prefix + prefix), key=lambda i: i.key)
+        for info in infos:
+            yield ObjectInfo(self._key_of(info.key), info.size, info.metadata, info.last_modified, info.etag)
+
+    # -- batches -------------------------------------------------------------------------
+    def _map(self, fn: Callable[[Any], T], items: list) -> list[T]:
+        """Run ``fn`` over ``items`` on the pool, at most max_inflight at once, results in order."""
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        if self._closed:
+            raise KVStoreError("the store is closed")
+        return list(self._pool.map(fn, items))
+
+    def put_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]], metadata: Mapping[str, str] | None = None) -> None:
+        """Store several objects; ``items`` is a mapping or (key, data) pairs."""
+        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        self._map(lambda kv: self.put(kv[0], kv[1], metadata), pairs)
+
+    def get_many(self, keys: Iterable[str]) -> list[bytes | None]:
+        return self._map(self.get, list(keys))
+
+    def get_into_many(self, keys: Iterable[str], buffers: Iterable[Any]) -> list[int | None]:
+        keys, buffers = list(keys), list(buffers)
+        if len(keys) != len(buffers):
+            raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
+        return self._map(lambda kb: self.get_into(*kb), list(zip(keys, buffers)))
+
+    def exists_many(self, keys: Iterable[str]) -> list[bool]:
+        return self._map(self.exists, list(keys))
+
+    def delete_many(self, keys: Iterable[str]) -> list[bool]:
+        names = [self.name_of(k) for k in keys]
+        return self._run(self._backend.delete_many, names) if names else []
+
+    # -- asyncio -------------------------------------------------------------------------
+    async def _async(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise KVStoreError("the store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args))
+
+    async def aput(self, key: str, data: Any, metadata: Mapping[str, str] | None = None, *, if_absent: bool = False) -> None:
+        await self._async(lambda: self.put(key, data, metadata, if_absent=if_absent))
+
+    async def aget(self, key: str) -> bytes | None:
+        return await self._async(self.get, key)
+
+    async def aget_into(self, key: str, buffer: Any) -> int | None:
+        return await self._async(self.get_into, key, buffer)
+
+    async def aexists(self, key: str) -> bool:
+        return await self._async(self.exists, key)
+
+    async def astat(self, key: str) -> ObjectInfo | None:
+        return await self._async(self.stat, key)
+
+    async def adelete(self, key: str) -> bool:
+        return await self._async(self.delete, key)
+
+    async def alist(self, prefix: str = "") -> AsyncIterator[str]:
+        for key in await self._async(lambda: list(self.list(prefix))):
+            yield key
+
+    async def _agather(self, fn: Callable[..., Any], args: list[tuple]) -> list:
+        return list(await asyncio.gather(*(self._async(fn, *a) for a in args)))
+
+    async def aput_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]], metadata: Mapping[str, str] | None = None) -> None:
+        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        await self._agather(lambda k, d: self.put(k, d, metadata), pairs)
+
+    async def aget_many(self, keys: Iterable[str]) -> list[bytes | None]:
+        return await self._agather(self.get, [(k,) for k in keys])
+
+    async def aget_into_many(self, keys: Iterable[str], buffers: Iterable[Any]) -> list[int | None]:
+        keys, buffers = list(keys), list(buffers)
+        if len(keys) != len(buffers):
+            raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
+        return await self._agather(self.get_into, list(zip(keys, buffers)))
+
+    async def aexists_many(self, keys: Iterable[str]) -> list[bool]:
+        return await self._agather(self.exists, [(k,) for k in keys])
+
+    async def adelete_many(self, keys: Iterable[str]) -> list[bool]:
+        keys = list(keys)
+        return await self._async(self.delete_many, keys)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        """Counters and latency histograms per operation (empty when metrics are off)."""
+        from kvstore.layers.metrics import find_metrics
+
+        layer = find_metrics(self._backend)
+        return layer.snapshot() if layer is not None else {}
+
+    def close(self) -> None:
+        """Release the backend and the pool. Idempotent; does not wait for calls in flight."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._backend.close()
+
+    def __enter__(self) -> "KVStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "KVStore":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
