@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything else they need, they install.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+# The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
+TORCH := torch==2.13.0
+URL ?=
+
+.PHONY: demo test docs docs-gen conformance-doc bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[all]' $(TORCH)
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(PIP) -e '.[all,test,docs,bench]' $(TORCH)
+	touch $@
+
+demo: $(VENV)/.installed
+	PYTHONHASHSEED=0 $(PY) -m kvstore.demo $(URL)
+
+test: $(VENV)/.test-installed
+	bash scripts/install-test-servers.sh
+	$(PY) scripts/gen_config_doc.py --check
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir .site
+	PYTHONHASHSEED=0 $(PY) -m pytest
+
+docs-gen: $(VENV)/.test-installed
+	$(PY) scripts/gen_config_doc.py
+
+docs: docs-gen
+	$(VENV)/bin/mkdocs build --strict --site-dir .site
+
+clean:
+	rm -rf $(VENV) .site .kvstore-demo .pytest_cache .hypothesis
