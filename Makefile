@@ -35,5 +35,11 @@ docs-gen: $(VENV)/.test-installed
 docs: docs-gen
 	$(VENV)/bin/mkdocs build --strict --site-dir .site
 
+conformance-doc: $(VENV)/.test-installed
+	$(PY) scripts/gen_conformance_doc.py
+
+bench: $(VENV)/.test-installed
+	$(PY) scripts/gen_bench.py
+
 clean:
 	rm -rf $(VENV) .site .kvstore-demo .pytest_cache .hypothesis

@@ -20,7 +20,9 @@ from kvstore.errors import InvalidKey, KVStoreError
 T = TypeVar("T")
 MAX_NAME_BYTES = 1024  # S3's limit on an object name
 MAX_METADATA_BYTES = 2048  # S3's limit on user metadata
-_META_KEY_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
+# Lowercase letters, digits and '-': S3 lowercases x-amz-meta-* names, Ceph RGW turns '_' into '-',
+# and many HTTP proxies drop headers with '_'.
+_META_KEY_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
 class KVStore:
@@ -72,7 +74,7 @@ class KVStore:
         out = {}
         for k, v in metadata.items():
             if not isinstance(k, str) or not k or not set(k) <= _META_KEY_CHARS:
-                raise InvalidKey(f"metadata keys are lowercase letters, digits, '-' and '_': {k!r}")
+                raise InvalidKey(f"metadata keys are lowercase letters, digits and '-': {k!r}")
             if not isinstance(v, str) or not v.isascii() or any(ord(c) < 32 for c in v):
                 raise InvalidKey(f"metadata values are printable ASCII strings: {k}={v!r}")
             out[k] = v

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Iterator, Mapping
+from typing import ClassVar, Iterator, Mapping
 
 from kvstore.config import StoreConfig
+from kvstore.errors import BufferTooSmall, IntegrityError, InvalidKey
 
 
 @dataclass(frozen=True)
@@ -128,3 +129,23 @@ def _torch_bytes(tensor):
     return flat.view(__import__("torch").uint8).numpy() if flat.numel() else bytearray()
 
 
+
+
+def reject_rewritten_names(name: str, backend: str) -> str:
+    """Refuse names that path-based clients rewrite or that escape a root: empty, '.' or '..' segments."""
+    if any(segment in ("", ".", "..") for segment in name.split("/")):
+        raise InvalidKey(f"the {backend} backend cannot store {name!r}: empty, '.' and '..' path segments "
+                         "(and a leading or trailing '/') are rewritten by its client or escape the root")
+    return name
+
+
+def read_exactly(readinto, name: str, size: int, buffer: memoryview) -> None:
+    """Fill ``buffer[:size]`` from a ``readinto``-style callable; a short source is an IntegrityError."""
+    if size > len(buffer):
+        raise BufferTooSmall(name, size, len(buffer))
+    done = 0
+    while done < size:
+        n = readinto(buffer[done:size])
+        if not n:
+            raise IntegrityError(f"{name!r}: {done} of {size} bytes arrived")
+        done += n

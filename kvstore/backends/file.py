@@ -22,8 +22,8 @@ import time
 from typing import Iterator, Mapping
 from urllib.parse import quote, unquote
 
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult
-from kvstore.errors import BucketNotFound, BufferTooSmall, IntegrityError, PreconditionFailed
+from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult, read_exactly
+from kvstore.errors import BucketNotFound, IntegrityError, PreconditionFailed
 
 _SAFE = "-_.@=+,~!$&'()*;:"
 _SEGMENT_MAX = 200  # bytes of one encoded path segment; longer ones continue in "#c" directories
@@ -140,16 +140,8 @@ class FileBackend(Backend):
             return None
         f, st, metadata = opened
         with f:
-            size = st.st_size
-            if size > len(buffer):
-                raise BufferTooSmall(name, size, len(buffer))
-            done = 0
-            while done < size:
-                n = f.readinto(buffer[done:size])
-                if not n:
-                    raise IntegrityError(f"{name!r} shrank while being read ({done} of {size} bytes)")
-                done += n
-        return ReadResult(size, metadata)
+            read_exactly(f.readinto, name, st.st_size, buffer)
+        return ReadResult(st.st_size, metadata)
 
     def head(self, name: str) -> ObjectInfo | None:
         opened = self._open_with_meta(name)

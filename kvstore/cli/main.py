@@ -12,6 +12,10 @@ from kvstore.cli.common import exit_code_for
 # Modules with a ``register(subparsers)`` function; each keeps its heavy imports inside its handlers.
 COMMAND_MODULES = (
     "kvstore.cli.store_cmds",
+    "kvstore.cli.kv_cmd",
+    "kvstore.cli.lmcache_cmd",
+    "kvstore.cli.conformance_cmd",
+    "kvstore.cli.bench_cmd",
 )
 
 

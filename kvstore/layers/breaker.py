@@ -47,7 +47,9 @@ class BreakerLayer(Layer):
         try:
             result = call()
         except (StoreUnavailable, StoreTimeout) as exc:
-            connection = isinstance(exc, StoreTimeout) or exc.connection
+            # Retries that ran out on 503s end in StoreTimeout too: only a lost connection counts.
+            cause = exc if isinstance(exc, StoreUnavailable) else exc.__cause__
+            connection = getattr(cause, "connection", True)
             with self._lock:
                 self._probing = False
                 if connection:
@@ -57,8 +59,15 @@ class BreakerLayer(Layer):
                             self.metrics.count("breaker_opened", op)
                         self._opened_at = time.monotonic()
             raise
+        except BaseException:
+            # Any other answer (a 403, a bad key) still proves the endpoint is reachable.
+            self._close()
+            raise
+        self._close()
+        return result
+
+    def _close(self) -> None:
         with self._lock:
             self._failures = 0
             self._opened_at = None
             self._probing = False
-        return result

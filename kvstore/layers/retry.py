@@ -6,7 +6,7 @@ import random
 import time
 from typing import Callable, TypeVar
 
-from kvstore.errors import StoreTimeout, StoreUnavailable
+from kvstore.errors import IntegrityError, StoreTimeout, StoreUnavailable
 from kvstore.layers.base import Layer
 
 T = TypeVar("T")
@@ -39,6 +39,12 @@ class RetryLayer(Layer):
                 time.sleep(delay)
             except StoreTimeout:
                 if time.monotonic() >= deadline or attempt >= self.config.max_retries or op not in IDEMPOTENT:
+                    raise
+                attempt += 1
+                self.metrics.count("retries", op)
+            except IntegrityError:
+                # A body torn in transit reads differently next time; a corrupt object fails every time.
+                if op not in ("get", "get_into") or attempt >= self.config.max_retries or time.monotonic() >= deadline:
                     raise
                 attempt += 1
                 self.metrics.count("retries", op)

@@ -1,0 +1,122 @@
+"""``kvstore bench``: every client against one endpoint, in one run, next to the machine's own limits."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from typing import Any, Iterator
+
+from kvstore.cli.common import add_store_arguments, print_table, url_and_config
+
+BENCH_BUCKET = "kvstore-bench"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="compare kvstore's backends with raw S3 clients on one endpoint")
+    add_store_arguments(p, url=False)
+    p.add_argument("url", nargs="?", help="store URL (omit with --server)")
+    p.add_argument("--server", choices=("moto", "seaweedfs", "ceph", "null"),
+                   help="start this server for the run (null: discards PUTs, serves GETs from memory)")
+    p.add_argument("--size", default="8MiB", help="object size (default 8MiB)")
+    p.add_argument("--count", type=int, default=32, help="objects per op per round (default 32)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight, for every client (default 16)")
+    p.add_argument("--ops", default="put,get,get_into,exists", help="comma-separated ops")
+    p.add_argument("--backends", default="crt,obstore,fsspec", help="kvstore backends ('' for none)")
+    p.add_argument("--baselines", default="awscrt,obstore,boto3,s3fs,lmcache", help="raw clients ('' for none)")
+    p.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up (default 3)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-' for stdout only)")
+    p.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
+    p.set_defaults(handler=cmd_bench)
+
+
+@contextlib.contextmanager
+def endpoint(server: str | None, url: str | None, extra: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(url, extra_config, label) of the endpoint: a server started for the run, or the one given."""
+    from kvstore.errors import ConfigError
+
+    if server is None:
+        if not url:
+            raise ConfigError("give a store URL or --server")
+        yield url, extra, url
+        return
+    if server == "null":
+        from kvstore.bench.null_endpoint import NullEndpoint
+
+        with NullEndpoint() as null:
+            yield null.url(BENCH_BUCKET, "bench"), null.extra_config() | extra, null.label
+        return
+    from kvstore.testing import servers
+
+    reason = servers.available(server)
+    if reason:
+        raise ConfigError(f"cannot start {server}: {reason}")
+    with servers.start(server) as managed:
+        s3 = managed.server
+        s3.create_bucket(BENCH_BUCKET)
+        yield s3.url(BENCH_BUCKET, "bench"), s3.extra_config() | extra, f"{server} (own process)"
+
+
+def bench(*, url: str | None, extra: dict[str, Any], server: str | None, size: int, count: int, concurrency: int,
+          ops: list[str], backends: list[str], baselines: list[str], rounds: int, log: Any = None) -> dict[str, Any]:
+    """Run the whole comparison and return it as plain data (what ``--json`` writes)."""
+    from kvstore.bench import contenders as cts
+    from kvstore.bench import limits, report, runner
+    from kvstore.errors import ConfigError
+
+    unknown = set(ops) - set(runner.OPS)
+    if unknown:
+        raise ConfigError(f"unknown ops {sorted(unknown)}; choose from {', '.join(runner.OPS)}")
+    if size <= 0 or count <= 0 or concurrency <= 0 or rounds <= 0:
+        raise ConfigError("--size, --count, --concurrency and --rounds must be positive")
+    with endpoint(server, url, extra) as (store_url, store_extra, label):
+        target = cts.Target.resolve(store_url, store_extra)
+        machine = limits.measure(concurrency)
+        chosen = cts.build(backends, baselines, target, size, concurrency)
+        results = runner.run(chosen, ops, count=count, concurrency=concurrency, rounds=rounds,
+                             raw_clients=cts.RAW_CLIENTS, log=log)
+    return {
+        "endpoint_label": label, "server": server, "size": size, "count": count, "concurrency": concurrency,
+        "rounds": rounds, "limits": machine,
+        "results": [r.as_dict() for r in results],
+        "fraction_of_limits": {
+            f"{r.contender} {r.op}": round(r.gib_per_s * runner.GIB / machine["tcp_concurrent"], 3)
+            for r in results if r.status == "ok" and r.op in ("get", "get_into", "put")
+        },
+        "targets": report.targets(results, machine, server == "null"),
+    }
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvstore.bench import report
+    from kvstore.bench.runner import Result
+    from kvstore.config.keys import parse_size
+
+    url, extra = url_and_config(args)
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    data = bench(url=url, extra=extra, server=args.server, size=parse_size(args.size), count=args.count,
+                 concurrency=args.concurrency, ops=_names(args.ops), backends=_names(args.backends),
+                 baselines=_names(args.baselines), rounds=args.rounds, log=log)
+    if args.json and args.json != "-":
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=2)
+    if args.json == "-":
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"endpoint: {data['endpoint_label']}; {data['count']} x {data['size'] >> 20} MiB, "
+          f"{data['concurrency']} in flight, median of {data['rounds']} rounds after a warm-up")
+    print_table(("limit", "GiB/s"), report.limit_rows(data["limits"]))
+    print()
+    results = [Result(**{k: v for k, v in r.items()}) for r in data["results"]]
+    print_table(report.HEADERS, report.rows(results))
+    for line in report.notes(results):
+        print(f"  {line}")
+    print()
+    print_table(("target", "measured", "want", "verdict"), report.target_rows(data["targets"]))
+    return 0

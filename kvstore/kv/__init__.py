@@ -1,0 +1,19 @@
+"""Offline KV dumping: write a model's KV cache into a store as the chunks LMCache reads.
+
+``dump`` splits a prompt's KV cache into LMCache chunks, names each with the key the installed
+LMCache computes for the same tokens, and writes its exact bytes; ``load`` / ``load_chunks``
+read the longest cached prefix back, ``verify`` checks it, ``scan`` and ``gc`` manage what a
+store holds. torch and lmcache are imported only when these run.
+"""
+
+from kvstore.kv.dump import DumpReport, dump
+from kvstore.kv.inventory import ChunkInfo, GCReport, gc, parse_chunk_name, scan
+from kvstore.kv.keys import ChunkKey, chunk_keys, hash_seed
+from kvstore.kv.layout import KVLayout, chunk_metadata
+from kvstore.kv.load import ChunkCheck, VerifyReport, load, load_chunks, verify
+
+__all__ = [
+    "ChunkCheck", "ChunkInfo", "ChunkKey", "DumpReport", "GCReport", "KVLayout", "VerifyReport", "chunk_keys",
+    "chunk_metadata", "dump", "gc", "hash_seed", "load", "load_chunks", "parse_chunk_name", "scan",
+    "verify",
+]

@@ -1,0 +1,16 @@
+"""Running a store call over many chunks at once, for the calls ``KVStore`` has no batch form of."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+
+def parallel_map(store: Any, fn: Callable[[Any], T], items: list) -> list[T]:
+    """``fn`` over ``items`` on a few threads, results in order (the store bounds what is really in flight)."""
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(len(items), store.config.max_inflight)) as pool:
+        return list(pool.map(fn, items))

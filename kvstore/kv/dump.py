@@ -1,0 +1,79 @@
+"""``dump``: write a prompt's KV cache into a store as the chunks LMCache would write.
+
+Resumable and idempotent: chunks already in the store are skipped (one batched existence
+check first), the rest are written a batch at a time, each put atomic, so a dump stopped
+midway and run again writes only what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from kvstore.errors import ConfigError
+from kvstore.kv.keys import chunk_keys
+from kvstore.kv.layout import KVLayout, chunk_metadata
+from kvstore.kv.tensors import chunk_source
+
+Progress = Callable[[int, int], None]  # (chunks done, bytes written), called after each batch
+
+
+@dataclass(frozen=True)
+class DumpReport:
+    """What a dump did: chunks written and skipped (already stored), bytes written, and the
+    seconds spent checking, copying and writing (key computation not included)."""
+
+    written: int
+    skipped: int
+    bytes: int
+    seconds: float
+
+    @property
+    def chunks(self) -> int:
+        return self.written + self.skipped
+
+    @property
+    def gbps(self) -> float:
+        """Write throughput in GB/s (10^9 bytes)."""
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+def dump(
+    store: Any, tokens: Sequence[int] | Any, kv: Any, *, model: str, layout: KVLayout, world_size: int = 1,
+    worker_id: int = 0, save_unfull_chunk: bool = True, batch_chunks: int | None = None, progress: Progress | None = None,
+) -> DumpReport:
+    """Store the KV cache ``kv`` of ``tokens`` as LMCache chunks; see ``kvstore.kv.tensors`` for ``kv``'s forms.
+
+    Each chunk's key is the one the installed LMCache computes for the same tokens and model;
+    its bytes are LMCache's chunk tensor, with shape, dtype, format and token count as
+    metadata. ``batch_chunks`` (default: twice the store's ``max_inflight``) bounds how many
+    chunk copies exist at once.
+    """
+    source = chunk_source(kv, layout)
+    num_tokens = len(tokens)
+    if source.num_tokens != num_tokens:
+        raise ConfigError(f"the KV cache covers {source.num_tokens} tokens but {num_tokens} tokens were given")
+    chunks = chunk_keys(tokens, model=model, layout=layout, world_size=world_size, worker_id=worker_id,
+                        save_unfull_chunk=save_unfull_chunk, key_layout=store.config.key_layout)
+    started = time.perf_counter()  # keys are computed: from here on it is copies and writes
+    present = store.exists_many([c.name for c in chunks])
+    todo = [c for c, there in zip(chunks, present) if not there]
+    skipped = len(chunks) - len(todo)
+    batch = batch_chunks or 2 * store.config.max_inflight
+    written = nbytes = 0
+    if progress:
+        progress(skipped, 0)
+    for i in range(0, len(todo), batch):
+        group = todo[i:i + batch]
+        # Full chunks share one metadata; a short last chunk has its own token count.
+        by_size: dict[int, list] = {}
+        for c in group:
+            by_size.setdefault(c.num_tokens, []).append((c.name, source.chunk(c.start, c.end)))
+        for size, items in by_size.items():
+            store.put_many(items, chunk_metadata(layout, size))
+            written += len(items)
+            nbytes += len(items) * layout.chunk_bytes(size)
+        if progress:
+            progress(skipped + written, nbytes)
+    return DumpReport(written, skipped, nbytes, time.perf_counter() - started)

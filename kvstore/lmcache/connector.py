@@ -1,0 +1,179 @@
+"""Non-MP remote storage plugin: ``KVStoreConnectorAdapter`` and its ``RemoteConnector``.
+
+LMCache config::
+
+    remote_storage_plugins: ["kvstore"]
+    extra_config:
+      remote_storage_plugin.kvstore.module_path: kvstore.lmcache
+      remote_storage_plugin.kvstore.class_name: KVStoreConnectorAdapter
+      kvstore_url: "s3://my-bucket/kv"
+
+Every call goes through the store's asyncio API, so nothing blocks LMCache's event loop; reads
+land straight in LMCache's buffers (``get_into``), and a chunk's layout travels as object
+metadata so short last chunks and fresh processes work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Mapping
+
+from lmcache.utils import CacheEngineKey
+from lmcache.v1.memory_management import MemoryObj
+from lmcache.v1.storage_backend.connector import ConnectorAdapter, ConnectorContext, extract_plugin_type
+from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
+
+import kvstore
+from kvstore.errors import KVStoreError
+from kvstore.lmcache import chunks, naming
+
+log = logging.getLogger(__name__)
+PLUGIN_TYPE = "kvstore"
+PING_NAME = "kvstore-ping"  # a name stat'ed to check the store answers; it need not exist
+
+
+def open_store_from(extra_config: Mapping[str, Any] | None) -> kvstore.KVStore:
+    """The store an LMCache ``extra_config`` names through ``kvstore_url`` (or ``s3_endpoint``)."""
+    extra = dict(extra_config or {})
+    return kvstore.open(extra.get("kvstore_url"), extra)
+
+
+class KVStoreConnector(RemoteConnector):
+    """LMCache ``RemoteConnector`` over a kvstore ``KVStore``."""
+
+    def __init__(self, config, metadata, local_cpu_backend, store: kvstore.KVStore | None = None) -> None:
+        super().__init__(config, metadata)
+        self.local_cpu_backend = local_cpu_backend
+        self.store = store if store is not None else open_store_from(config.extra_config)
+        self.layout = self.store.config.key_layout
+        self.full_layout = chunks.ChunkLayout(list(self.meta_shapes), list(self.meta_dtypes), self.meta_fmt)
+
+    def __repr__(self) -> str:
+        return f"<KVStoreConnector {self.store.config.url}>"
+
+    def name_of(self, key: CacheEngineKey) -> str:
+        return naming.chunk_name(key.to_string(), self.layout)
+
+    # -- presence --------------------------------------------------------------------------
+    async def exists(self, key: CacheEngineKey) -> bool:
+        return await self.store.aexists(self.name_of(key))
+
+    def exists_sync(self, key: CacheEngineKey) -> bool:
+        return self.store.exists(self.name_of(key))
+
+    async def batched_async_contains(self, lookup_id: str, keys: list[CacheEngineKey], pin: bool = False) -> int:
+        """How many keys, from the first, are stored (a failed check counts as a miss)."""
+        found = await asyncio.gather(*(self.exists(k) for k in keys), return_exceptions=True)
+        return _prefix_length(found)
+
+    def support_batched_contains(self) -> bool:
+        return True
+
+    def batched_contains(self, keys: list[CacheEngineKey]) -> int:
+        return _prefix_length(self.store.exists_many([self.name_of(k) for k in keys]))
+
+    # -- reads -----------------------------------------------------------------------------
+    async def get(self, key: CacheEngineKey) -> MemoryObj | None:
+        """The chunk in a buffer from LocalCPUBackend, or None (miss, no memory, store failure)."""
+        name = self.name_of(key)
+        try:
+            info = await self.store.astat(name)
+        except KVStoreError as exc:
+            log.warning("kvstore: cannot look up %s: %s", name, exc)
+            return None
+        if info is None:
+            return None
+        layout = chunks.layout_for(info.size, info.metadata, self.full_layout)
+        if layout is None:
+            log.warning("kvstore: %s holds %d bytes that fit no chunk layout of this model; skipped", name, info.size)
+            return None
+        memory_obj = self.local_cpu_backend.allocate(layout.shapes, layout.dtypes, layout.fmt)
+        if memory_obj is None:
+            return None
+        try:
+            size = await self.store.aget_into(name, memory_obj.byte_array)
+        except BaseException as exc:  # the buffer is ours until returned, whatever happens
+            memory_obj.ref_count_down()
+            if not isinstance(exc, KVStoreError):
+                raise
+            log.warning("kvstore: cannot read %s: %s", name, exc)
+            return None
+        if size != layout.nbytes:  # gone or rewritten since the lookup
+            memory_obj.ref_count_down()
+            return None
+        return memory_obj
+
+    def support_batched_get(self) -> bool:
+        return True
+
+    async def batched_get(self, keys: list[CacheEngineKey]) -> list[MemoryObj | None]:
+        return list(await asyncio.gather(*(self.get(k) for k in keys)))
+
+    # batched_get_non_blocking: the base class's version (concurrent gets, the successful prefix,
+    # later buffers released) is exactly right on top of ``get``.
+
+    # -- writes ----------------------------------------------------------------------------
+    async def put(self, key: CacheEngineKey, memory_obj: MemoryObj) -> None:
+        """Store the chunk's true bytes and layout. Raises on failure; the caller owns the reference."""
+        layout = chunks.layout_of(memory_obj)
+        await self.store.aput(self.name_of(key), memory_obj.byte_array, layout.metadata())
+
+    def support_batched_put(self) -> bool:
+        return True
+
+    async def batched_put(self, keys: list[CacheEngineKey], memory_objs: list[MemoryObj]) -> None:
+        results = await asyncio.gather(*(self.put(k, m) for k, m in zip(keys, memory_objs)), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            log.error("kvstore: %d of %d chunk writes failed, first: %s", len(failures), len(keys), failures[0])
+            raise failures[0]
+
+    def remove_sync(self, key: CacheEngineKey) -> bool:
+        return self.store.delete(self.name_of(key))
+
+    # -- misc ------------------------------------------------------------------------------
+    async def list(self) -> list[str]:
+        """Stored chunk names, as LMCache spells keys (``/`` shown as ``_``)."""
+        return [naming.strip_layout(name, self.layout) async for name in self.store.alist()]
+
+    def support_ping(self) -> bool:
+        return True
+
+    async def ping(self) -> int:
+        """0 when the store answers, 1 otherwise."""
+        try:
+            await self.store.astat(PING_NAME)
+        except KVStoreError as exc:
+            log.warning("kvstore: ping failed: %s", exc)
+            return 1
+        return 0
+
+    def shutdown(self) -> None:
+        """Release the store now; calls in flight fail or are cancelled instead of being awaited."""
+        self.store.close()
+
+    async def close(self) -> None:
+        self.shutdown()
+
+
+def _prefix_length(found: list) -> int:
+    for i, hit in enumerate(found):
+        if hit is not True:
+            return i
+    return len(found)
+
+
+class KVStoreConnectorAdapter(ConnectorAdapter):
+    """Matches ``plugin://kvstore`` (and ``plugin://kvstore.<instance>``) and builds a ``KVStoreConnector``."""
+
+    def __init__(self) -> None:
+        super().__init__(f"plugin://{PLUGIN_TYPE}")
+
+    def can_parse(self, url: str) -> bool:
+        return url.startswith("plugin://") and extract_plugin_type(url[len("plugin://"):]) == PLUGIN_TYPE
+
+    def create_connector(self, context: ConnectorContext) -> RemoteConnector:
+        if context.config is None or context.metadata is None:
+            raise KVStoreError("the kvstore connector needs LMCache's config and metadata")
+        return KVStoreConnector(context.config, context.metadata, context.local_cpu_backend)

@@ -1,0 +1,174 @@
+"""Non-MP storage plugin (``StoragePluginInterface``) over a kvstore store.
+
+LMCache config::
+
+    storage_plugins: ["kvstore"]
+    extra_config:
+      storage_plugin.kvstore.module_path: kvstore.lmcache
+      storage_plugin.kvstore.class_name: KVStoreStoragePlugin
+      kvstore_url: "s3://my-bucket/kv"
+
+The reads, writes and names are ``KVStoreConnector``'s, so a chunk's layout travels with it:
+a fresh process finds and loads what an earlier one wrote, and keys of any length work.
+Pinning is local: a pinned key is not removed unless ``remove(force=True)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import Counter
+from concurrent.futures import Future
+from typing import Any, Callable, Sequence
+
+from lmcache.utils import CacheEngineKey
+from lmcache.v1.memory_management import MemoryObj
+from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
+
+from kvstore.lmcache.connector import KVStoreConnector
+
+log = logging.getLogger(__name__)
+
+
+class KVStoreStoragePlugin(StoragePluginInterface):
+    """LMCache storage backend that keeps every chunk in a kvstore store."""
+
+    def __init__(self, config=None, dst_device: str = "cpu", metadata=None, local_cpu_backend=None, loop=None) -> None:
+        super().__init__(dst_device=dst_device, config=config, metadata=metadata, local_cpu_backend=local_cpu_backend, loop=loop)
+        if config is None or metadata is None or local_cpu_backend is None or loop is None:
+            raise ValueError("KVStoreStoragePlugin needs config, metadata, local_cpu_backend and loop (max_local_cpu_size > 0)")
+        self.connector = KVStoreConnector(config, metadata, local_cpu_backend)
+        self._lock = threading.Lock()
+        self._put_tasks: set[CacheEngineKey] = set()
+        self._pins: Counter[CacheEngineKey] = Counter()
+        self.timeout_s = float(getattr(config, "blocking_timeout_secs", 10) or 10)
+
+    def __str__(self) -> str:
+        return self.__class__.__name__
+
+    def _run(self, coro) -> Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    # -- presence and pins -----------------------------------------------------------------
+    def contains(self, key: CacheEngineKey, pin: bool = False) -> bool:
+        found = self.connector.exists_sync(key)
+        if found and pin:
+            self.pin(key)
+        return found
+
+    def batched_contains(self, keys: list[CacheEngineKey], pin: bool = False) -> int:
+        hits = self.connector.batched_contains(keys)
+        if pin:
+            for key in keys[:hits]:
+                self.pin(key)
+        return hits
+
+    async def batched_async_contains(self, lookup_id: str, keys: list[CacheEngineKey], pin: bool = False) -> int:
+        hits = await self.connector.batched_async_contains(lookup_id, keys)
+        if pin:
+            for key in keys[:hits]:
+                self.pin(key)
+        return hits
+
+    def pin(self, key: CacheEngineKey) -> bool:
+        """Keep ``key`` from non-forced removal; False when the store does not hold it."""
+        with self._lock:
+            if self._pins.get(key):
+                self._pins[key] += 1
+                return True
+        if not self.connector.exists_sync(key):
+            return False
+        with self._lock:
+            self._pins[key] += 1
+        return True
+
+    def unpin(self, key: CacheEngineKey) -> bool:
+        """Drop one pin; False when ``key`` was not pinned."""
+        with self._lock:
+            if not self._pins.get(key):
+                return False
+            self._pins[key] -= 1
+            if not self._pins[key]:
+                del self._pins[key]
+            return True
+
+    def is_pinned(self, key: CacheEngineKey) -> bool:
+        with self._lock:
+            return self._pins.get(key, 0) > 0
+
+    def remove(self, key: CacheEngineKey, force: bool = True) -> bool:
+        """Delete ``key``; a pinned key only when ``force``. False when nothing was removed."""
+        with self._lock:
+            if self._pins.get(key, 0) and not force:
+                return False
+            self._pins.pop(key, None)
+        return self.connector.remove_sync(key)
+
+    # -- writes ----------------------------------------------------------------------------
+    def exists_in_put_tasks(self, key: CacheEngineKey) -> bool:
+        with self._lock:
+            return key in self._put_tasks
+
+    def batched_submit_put_task(
+        self,
+        keys: Sequence[CacheEngineKey],
+        objs: list[MemoryObj],
+        transfer_spec: Any = None,
+        on_complete_callback: Callable[[CacheEngineKey], None] | None = None,
+    ) -> list[Future]:
+        """Start one write per chunk; each holds its own reference until the write ends."""
+        futures = []
+        for key, obj in zip(keys, objs):
+            with self._lock:
+                if key in self._put_tasks:
+                    continue
+                self._put_tasks.add(key)
+            obj.ref_count_up()
+            future = self._run(self.connector.put(key, obj))
+            future.add_done_callback(lambda f, k=key, o=obj: self._put_done(f, k, o, on_complete_callback))
+            futures.append(future)
+        return futures
+
+    def _put_done(self, future: Future, key: CacheEngineKey, obj: MemoryObj, callback) -> None:
+        obj.ref_count_down()
+        with self._lock:
+            self._put_tasks.discard(key)
+        if future.cancelled() or future.exception() is not None:
+            log.error("kvstore: storing %s failed: %s", key.to_string(), "cancelled" if future.cancelled() else future.exception())
+            return
+        if callback is not None:
+            try:
+                callback(key)
+            except Exception as exc:  # LMCache's contract: callback errors are logged, not raised
+                log.warning("kvstore: on_complete_callback for %s failed: %s", key.to_string(), exc)
+
+    # -- reads -----------------------------------------------------------------------------
+    def get_blocking(self, key: CacheEngineKey) -> MemoryObj | None:
+        future = self._run(self.connector.get(key))
+        try:
+            return future.result(self.timeout_s)
+        except TimeoutError:
+            future.cancel()
+            log.warning("kvstore: get %s timed out after %.1fs", key.to_string(), self.timeout_s)
+            return None
+
+    def get_non_blocking(self, key: CacheEngineKey, location: str | None = None) -> Future:
+        return self._run(self.connector.get(key))
+
+    def batched_get_blocking(self, keys: list[CacheEngineKey]) -> list[MemoryObj | None]:
+        future = self._run(self.connector.batched_get(keys))
+        try:
+            return future.result(self.timeout_s)
+        except TimeoutError:
+            future.cancel()
+            return [None] * len(keys)
+
+    async def batched_get_non_blocking(self, lookup_id: str, keys: list[CacheEngineKey], transfer_spec: Any = None) -> list[MemoryObj]:
+        return await self.connector.batched_get_non_blocking(lookup_id, keys)
+
+    def get_allocator_backend(self):
+        return self.local_cpu_backend
+
+    def close(self) -> None:
+        self.connector.shutdown()

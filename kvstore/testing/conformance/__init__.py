@@ -1,0 +1,35 @@
+"""A reusable conformance suite for kvstore stores: every backend, every endpoint, one set of cases.
+
+Three ways to run it:
+
+- ``kvstore conformance URL [-c FILE] [--set k=v]`` prints a table and exits non-zero on a failure;
+- ``pytest --pyargs kvstore.testing.conformance --kvstore-url URL [--kvstore-config FILE]``;
+- from a project's own tests, with any store factory (a callable returning a fresh ``KVStore``
+  under a fresh prefix)::
+
+      from kvstore.testing.conformance import CASES, check
+      @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+      def test_conformance(case, my_factory):
+          check(case, my_factory)
+
+Cases skip, with the reason, what the backend's ``capabilities`` say it cannot do.
+"""
+
+from kvstore.testing.conformance.cases import CASES, Case, Skip, StoreFactory, case_by_id, iter_cases
+from kvstore.testing.conformance.runner import CaseResult, ConformanceRun, run_case, run_cases
+
+
+def check(case: Case, factory: StoreFactory) -> None:
+    """Run one case under pytest: a ``Skip`` becomes ``pytest.skip``, a failure raises."""
+    import pytest
+
+    try:
+        case.run(factory)
+    except Skip as exc:
+        pytest.skip(exc.reason)
+
+
+__all__ = [
+    "CASES", "Case", "CaseResult", "ConformanceRun", "Skip", "StoreFactory", "case_by_id", "check", "iter_cases",
+    "run_case", "run_cases",
+]

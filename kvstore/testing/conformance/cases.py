@@ -1,0 +1,502 @@
+"""The conformance cases: what every store must do, each a function of a store factory.
+
+A case takes a ``factory`` (a callable returning a fresh ``KVStore`` under a fresh prefix),
+raises ``Skip(reason)`` when it does not apply to the store, and ``AssertionError`` (or any other
+exception) when the store misbehaves. Case ids are stable: reports and docs refer to them.
+
+Cases that need another view of the same location (wrong credentials, another bucket, a dead
+endpoint, a second writer without checksums) reopen the store from ``store.config``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import kvstore
+from kvstore.config import Credentials
+from kvstore.config.resolve import Secret
+from kvstore.errors import (
+    AuthError, BucketNotFound, BufferTooSmall, IntegrityError, InvalidKey, PreconditionFailed, StoreTimeout, StoreUnavailable,
+)
+from kvstore.store import MAX_NAME_BYTES, KVStore
+
+StoreFactory = Callable[[], KVStore]
+MiB = 1024 * 1024
+BIG_OBJECT = 64 * MiB
+MANY_KEYS = 1050  # more than one ListObjectsV2 page of 1000
+
+
+class Skip(Exception):
+    """The case does not apply to this store; the message says why."""
+
+    @property
+    def reason(self) -> str:
+        return str(self)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One named check. ``id`` never changes once published."""
+
+    id: str
+    run: Callable[[StoreFactory], None]
+    doc: str
+
+
+CASES: list[Case] = []
+
+
+def case(case_id: str) -> Callable[[Callable[[StoreFactory], None]], Callable[[StoreFactory], None]]:
+    def register(fn: Callable[[StoreFactory], None]) -> Callable[[StoreFactory], None]:
+        if any(c.id == case_id for c in CASES):
+            raise ValueError(f"duplicate conformance case id {case_id!r}")
+        CASES.append(Case(case_id, fn, (fn.__doc__ or "").strip().splitlines()[0]))
+        return fn
+
+    return register
+
+
+def case_by_id(case_id: str) -> Case:
+    for c in CASES:
+        if c.id == case_id:
+            return c
+    raise KeyError(f"no conformance case {case_id!r}; known: {', '.join(c.id for c in CASES)}")
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _random_bytes(size: int, seed: int | None = None) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def _roundtrip(store: KVStore, key: str, data: bytes) -> None:
+    """put, then read back every way (get, get_into, stat, exists) and compare."""
+    store.put(key, data)
+    got = store.get(key)
+    assert got is not None, f"{key!r}: get missed right after put"
+    assert len(got) == len(data), f"{key!r}: get returned {len(got)} bytes, wrote {len(data)}"
+    assert got == data, f"{key!r}: get returned different bytes"
+    buffer = bytearray(len(data))
+    assert store.get_into(key, buffer) == len(data), f"{key!r}: get_into returned a wrong size"
+    assert buffer == data, f"{key!r}: get_into filled different bytes"
+    info = store.stat(key)
+    assert info is not None and info.size == len(data), f"{key!r}: stat says {info}"
+    assert store.exists(key)
+
+
+def _reopen(store: KVStore, **changes) -> KVStore:
+    return kvstore.open_config(store.config.with_overrides(**changes))
+
+
+def _needs_s3(store: KVStore, what: str) -> None:
+    if not store.config.is_s3:
+        raise Skip(f"{what} applies to S3 stores only (profile {store.config.profile!r})")
+
+
+# -- object sizes --------------------------------------------------------------------------------
+def _size_case(case_id: str, describe: str, size_of: Callable[[KVStore], int]) -> None:
+    def run(factory: StoreFactory) -> None:
+        with factory() as store:
+            size = size_of(store)
+            _roundtrip(store, f"size-{size}", _random_bytes(size, seed=size))
+
+    run.__doc__ = describe
+    case(case_id)(run)
+
+
+_size_case("size-empty", "An empty object round-trips (get, get_into, stat).", lambda s: 0)
+_size_case("size-1b", "A 1-byte object round-trips.", lambda s: 1)
+_size_case("size-part-minus-1", "An object one byte under the part size round-trips.", lambda s: s.config.part_size - 1)
+_size_case("size-part-plus-1", "An object one byte over the part size (multipart) round-trips.", lambda s: s.config.part_size + 1)
+_size_case("size-64mib", "A 64 MiB object of random bytes round-trips.", lambda s: BIG_OBJECT)
+
+
+# -- basic semantics -----------------------------------------------------------------------------
+@case("overwrite")
+def overwrite(factory: StoreFactory) -> None:
+    """A second put replaces the object, also with a shorter value."""
+    with factory() as store:
+        store.put("k", _random_bytes(1000, 1))
+        second = _random_bytes(100, 2)
+        store.put("k", second)
+        assert store.get("k") == second
+        info = store.stat("k")
+        assert info is not None and info.size == 100, f"stat after overwrite: {info}"
+
+
+@case("miss")
+def miss(factory: StoreFactory) -> None:
+    """Reads of an absent key return None (get, get_into, stat, exists), never raise."""
+    with factory() as store:
+        assert store.get("absent") is None
+        assert store.get_into("absent", bytearray(16)) is None
+        assert store.stat("absent") is None
+        assert store.exists("absent") is False
+
+
+@case("delete-twice")
+def delete_twice(factory: StoreFactory) -> None:
+    """delete says True, then False; the object is gone."""
+    with factory() as store:
+        store.put("k", b"x")
+        assert store.delete("k") is True
+        assert store.delete("k") is False
+        assert store.get("k") is None
+
+
+# -- listing -------------------------------------------------------------------------------------
+def _needs_listing(store: KVStore) -> None:
+    if not store.backend.capabilities.listing:
+        raise Skip("the backend cannot list")
+
+
+@case("list-prefixes")
+def list_prefixes(factory: StoreFactory) -> None:
+    """list(prefix) returns exactly the keys under a prefix, sorted, '/' or not."""
+    with factory() as store:
+        _needs_listing(store)
+        keys = ["a/1", "a/2", "a/b/3", "ab", "b"]
+        store.put_many({k: k.encode() for k in keys})
+        assert list(store.list()) == keys
+        assert list(store.list("a/")) == ["a/1", "a/2", "a/b/3"]
+        assert list(store.list("a")) == ["a/1", "a/2", "a/b/3", "ab"]
+        assert list(store.list("a/b/")) == ["a/b/3"]
+        assert list(store.list("zz")) == []
+        sizes = {info.key: info.size for info in store.scan("a/")}
+        assert sizes == {"a/1": 3, "a/2": 3, "a/b/3": 5}, f"scan sizes: {sizes}"
+
+
+@case("list-over-1000")
+def list_over_1000(factory: StoreFactory) -> None:
+    """Listing returns every key when there are more than one page (1000) of them."""
+    with factory() as store:
+        _needs_listing(store)
+        keys = [f"many/{i:05d}" for i in range(MANY_KEYS)]
+        store.put_many((k, b"") for k in keys)
+        store.put("other", b"")
+        listed = list(store.list("many/"))
+        assert len(listed) == len(keys), f"listed {len(listed)} keys of {len(keys)}"
+        assert listed == keys
+        assert store.delete_many(keys) == [True] * len(keys)
+        assert list(store.list()) == ["other"]
+
+
+# -- batches -------------------------------------------------------------------------------------
+@case("batch-mixed")
+def batch_mixed(factory: StoreFactory) -> None:
+    """get_many, exists_many, get_into_many and delete_many keep order across hits and misses."""
+    with factory() as store:
+        values = {f"hit-{i}": _random_bytes(100 + i, i) for i in range(4)}
+        store.put_many(values)
+        keys = ["hit-0", "miss-0", "hit-1", "hit-2", "miss-1", "hit-3"]
+        expected = [values.get(k) for k in keys]
+        assert store.get_many(keys) == expected
+        assert store.exists_many(keys) == [v is not None for v in expected]
+        buffers = [bytearray(200) for _ in keys]
+        sizes = store.get_into_many(keys, buffers)
+        assert sizes == [None if v is None else len(v) for v in expected]
+        for buffer, value in zip(buffers, expected):
+            if value is not None:
+                assert buffer[: len(value)] == value
+        assert store.delete_many(keys) == [v is not None for v in expected]
+        assert store.exists_many(keys) == [False] * len(keys)
+        assert store.get_many([]) == [] and store.delete_many([]) == []
+
+
+# -- concurrency ---------------------------------------------------------------------------------
+@case("concurrent-one-key")
+def concurrent_one_key(factory: StoreFactory) -> None:
+    """Readers racing writers on one key see a whole old or a whole new value, never a mix."""
+    with factory() as store:
+        size = min(store.config.part_size, 8 * MiB) + 1  # crosses a part: ranged reads could tear
+        values = [_random_bytes(size, seed) for seed in range(4)]
+        allowed = set(values)
+        store.put("k", values[0])
+        done = threading.Event()
+        problems: list[str] = []
+        reads = [0]
+
+        def write(offset: int) -> None:
+            for i in range(3):
+                store.put("k", values[(offset + i) % len(values)])
+
+        def read(into: bool) -> None:
+            buffer = bytearray(size)
+            while not done.is_set() or reads[0] < 4:
+                if into:
+                    n = store.get_into("k", buffer)
+                    got = None if n is None else bytes(buffer[:n])
+                else:
+                    got = store.get("k")
+                reads[0] += 1
+                if got not in allowed:
+                    problems.append("a miss" if got is None else f"a torn value of {len(got)} bytes")
+                    return
+
+        def guarded(target: Callable[..., None], *args: object) -> threading.Thread:
+            def body() -> None:
+                try:
+                    target(*args)
+                except BaseException as exc:  # surfaced below: a thread's exception is otherwise lost
+                    problems.append(f"{type(exc).__name__}: {exc}")
+            return threading.Thread(target=body)
+
+        readers = [guarded(read, i % 2 == 1) for i in range(3)]
+        writers = [guarded(write, i) for i in range(2)]
+        for t in readers + writers:
+            t.start()
+        for t in writers:
+            t.join()
+        done.set()
+        for t in readers:
+            t.join()
+        assert not problems, f"after {reads[0]} reads: {problems[0]}"
+
+
+# -- get_into buffers ----------------------------------------------------------------------------
+@case("get-into-buffers")
+def get_into_buffers(factory: StoreFactory) -> None:
+    """get_into fills exact and larger buffers (the rest untouched) and refuses small ones."""
+    with factory() as store:
+        data = _random_bytes(4096, 7)
+        store.put("k", data)
+        exact = bytearray(len(data))
+        assert store.get_into("k", exact) == len(data) and exact == data
+        larger = bytearray(b"\xaa" * (len(data) + 100))
+        assert store.get_into("k", memoryview(larger)) == len(data)
+        assert larger[: len(data)] == data and larger[len(data):] == b"\xaa" * 100, "bytes past the object were written"
+        small = bytearray(len(data) - 1)
+        try:
+            store.get_into("k", small)
+        except BufferTooSmall as exc:
+            assert exc.needed == len(data) and exc.given == len(data) - 1, f"BufferTooSmall says {exc}"
+        else:
+            raise AssertionError("get_into into a too-small buffer did not raise BufferTooSmall")
+
+
+# -- keys ----------------------------------------------------------------------------------------
+def _key_case(case_id: str, describe: str, make_key: Callable[[KVStore], str]) -> None:
+    def run(factory: StoreFactory) -> None:
+        with factory() as store:
+            key = make_key(store)
+            data = key.encode("utf-8")[:64] + b"!"
+            _roundtrip(store, key, data)
+            if store.backend.capabilities.listing:
+                listed = list(store.list())
+                assert listed == [key], f"list shows {listed!r}, wrote {key!r}"
+            assert store.delete(key) is True
+            assert store.get(key) is None
+
+    run.__doc__ = describe
+    case(case_id)(run)
+
+
+@case("key-odd-slashes")
+def key_odd_slashes(factory: StoreFactory) -> None:
+    """Keys with doubled or trailing '/' round-trip, or are refused up front with InvalidKey."""
+    with factory() as store:
+        for key in ("a//b", "dir/"):
+            try:
+                store.put(key, b"x")
+            except InvalidKey as exc:
+                raise Skip(f"the backend refuses such keys: {exc}") from None
+            assert store.get(key) == b"x", f"{key!r} did not round-trip"
+        if store.backend.capabilities.listing:
+            assert list(store.list()) == ["a//b", "dir/"], f"list shows {list(store.list())!r}"
+
+
+def _longest_key(store: KVStore) -> str:
+    """A key whose object name (prefix included) is exactly the 1024-byte limit.
+
+    Segments stay under 255 bytes: servers that keep objects as files (SeaweedFS) cap a path
+    segment there, as LMCache's own key names never reach.
+    """
+    prefix_bytes = len(store.name_of("x").encode("utf-8")) - 1
+    body = ["x"] * (MAX_NAME_BYTES - prefix_bytes - 2)
+    for i in range(200, len(body) - 1, 201):
+        body[i] = "/"
+    body[-1] = "z"
+    return "k/" + "".join(body)
+
+
+_key_case("key-unicode", "Keys with non-ASCII characters round-trip and list.", lambda s: "ключ/キー/🔑-é")
+_key_case("key-spaces", "Keys with spaces round-trip and list.", lambda s: "a key with  spaces ")
+_key_case("key-percent", "Keys with '%' (and what looks like escapes) round-trip.", lambda s: "100% %2F %zz%")
+_key_case("key-plus", "Keys with '+' round-trip (not read back as spaces).", lambda s: "a+b +c")
+_key_case("key-slashes", "Keys with '/' round-trip and list.", lambda s: "dir/sub/obj")
+_key_case("key-1kib", "A key filling the 1 KiB object-name limit round-trips.", _longest_key)
+
+
+# -- metadata and isolation ----------------------------------------------------------------------
+@case("metadata")
+def metadata(factory: StoreFactory) -> None:
+    """User metadata round-trips through put and stat."""
+    with factory() as store:
+        if not store.backend.capabilities.metadata:
+            raise Skip("the backend keeps no metadata")
+        meta = {"model": "llama-3-8b", "chunk-hash": "0123abcd", "fmt-ver": "2"}
+        store.put("k", b"data", meta)
+        info = store.stat("k")
+        assert info is not None
+        got = {k: v for k, v in info.metadata.items() if k in meta}
+        assert got == meta, f"stat metadata {dict(info.metadata)}"
+        assert store.get("k") == b"data"
+
+
+@case("prefix-isolation")
+def prefix_isolation(factory: StoreFactory) -> None:
+    """Two stores with different prefixes never see each other's objects."""
+    with factory() as one, factory() as two:
+        one.put("k", b"one")
+        two.put("k", b"two")
+        assert one.get("k") == b"one" and two.get("k") == b"two"
+        if one.backend.capabilities.listing:
+            assert list(one.list()) == ["k"] and list(two.list()) == ["k"]
+        assert one.delete("k") is True
+        assert two.get("k") == b"two"
+        assert one.delete("k") is False
+
+
+@case("conditional-put")
+def conditional_put(factory: StoreFactory) -> None:
+    """put(if_absent=True) stores once, then raises PreconditionFailed and keeps the first value."""
+    with factory() as store:
+        if not store.backend.capabilities.conditional_put:
+            raise Skip("the backend declares no conditional put")
+        store.put("k", b"first", if_absent=True)
+        try:
+            store.put("k", b"second", if_absent=True)
+        except PreconditionFailed:
+            pass
+        else:
+            raise AssertionError("a second put(if_absent=True) did not raise PreconditionFailed")
+        assert store.get("k") == b"first"
+
+
+@case("async-roundtrip")
+def async_roundtrip(factory: StoreFactory) -> None:
+    """aput, aget, aget_into, aexists, alist and adelete work on the caller's event loop."""
+
+    async def run(store: KVStore) -> None:
+        data = _random_bytes(1000, 3)
+        await store.aput("a/k", data)
+        assert await store.aget("a/k") == data
+        buffer = bytearray(len(data))
+        assert await store.aget_into("a/k", buffer) == len(data) and buffer == data
+        assert await store.aexists("a/k") is True
+        assert await store.aget("absent") is None
+        if store.backend.capabilities.listing:
+            assert [k async for k in store.alist("a/")] == ["a/k"]
+        assert await store.adelete("a/k") is True
+
+    with factory() as store:
+        asyncio.run(run(store))
+
+
+# -- errors --------------------------------------------------------------------------------------
+def _expect(error: type[BaseException] | tuple, action: Callable[[], object], what: str) -> BaseException:
+    try:
+        action()
+    except error as exc:
+        return exc
+    except Exception as exc:
+        raise AssertionError(f"{what}: raised {type(exc).__name__}: {exc}") from exc
+    raise AssertionError(f"{what}: nothing was raised")
+
+
+@case("error-auth")
+def error_auth(factory: StoreFactory) -> None:
+    """A wrong secret key gives AuthError (on a read and on a write)."""
+    with factory() as store:
+        _needs_s3(store, "wrong credentials")
+        creds = store.config.credentials
+        if creds.source != "static" or not creds.access_key_id:
+            raise Skip(f"the store has no static credentials to spoil (source {creds.source!r})")
+        wrong = Credentials("static", creds.access_key_id, Secret("wrong-" + uuid.uuid4().hex))
+        with _reopen(store, credentials=wrong) as bad:
+            _expect(AuthError, lambda: bad.get("k"), "get with a wrong secret")
+            _expect(AuthError, lambda: bad.put("k", b"x"), "put with a wrong secret")
+
+
+@case("error-missing-bucket")
+def error_missing_bucket(factory: StoreFactory) -> None:
+    """A bucket that does not exist gives BucketNotFound (on a read and on a write)."""
+    with factory() as store:
+        _needs_s3(store, "a missing bucket")
+        config = store.config
+        other = f"kvstore-missing-{uuid.uuid4().hex[:12]}"
+        endpoint = config.endpoint
+        if config.addressing == "virtual":  # the bucket is part of the host name
+            endpoint = endpoint.replace(f"//{config.bucket}.", f"//{other}.", 1)
+        with _reopen(store, bucket=other, endpoint=endpoint) as bad:
+            _expect(BucketNotFound, lambda: bad.get("k"), f"get from missing bucket {other}")
+            _expect(BucketNotFound, lambda: bad.put("k", b"x"), f"put into missing bucket {other}")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket closes
+
+
+@case("error-unreachable")
+def error_unreachable(factory: StoreFactory) -> None:
+    """An endpoint nobody listens on gives StoreTimeout or StoreUnavailable within the deadline."""
+    with factory() as store:
+        _needs_s3(store, "an unreachable endpoint")
+        dead = f"http://127.0.0.1:{_closed_port()}"
+        timeout = 2.0
+        with _reopen(store, endpoint=dead, base_endpoint=dead, addressing="path", tls=False, s3express=False,
+                     timeout_s=timeout, connect_timeout_s=0.5) as bad:
+            started = time.monotonic()
+            _expect((StoreTimeout, StoreUnavailable), lambda: bad.get("k"), f"get from {dead}")
+            elapsed = time.monotonic() - started
+            assert elapsed < timeout + 3.0, f"took {elapsed:.1f} s with kvstore_timeout_s={timeout}"
+
+
+# -- integrity -----------------------------------------------------------------------------------
+def _tamper_case(case_id: str, describe: str, alter: Callable[[bytes], bytes]) -> None:
+    def run(factory: StoreFactory) -> None:
+        with factory() as store:
+            if not store.backend.capabilities.metadata:
+                raise Skip("the backend keeps no metadata, so no checksum rides with the object")
+            data = _random_bytes(64 * 1024, 11)
+            with _reopen(store, checksum="crc32c") as checked, _reopen(store, checksum="none") as raw:
+                checked.put("k", data)
+                info = checked.stat("k")
+                assert info is not None and "kvstore-crc32c" in info.metadata, f"no checksum stored: {info}"
+                raw.put("k", alter(data), dict(info.metadata))  # same metadata, other bytes
+                for how, read in (("get", lambda: checked.get("k")),
+                                  ("get_into", lambda: checked.get_into("k", bytearray(len(data))))):
+                    try:
+                        got = read()
+                    except IntegrityError:
+                        continue
+                    assert got is None, f"{how} returned altered bytes as good data"
+
+    run.__doc__ = describe
+    case(case_id)(run)
+
+
+def _flip_middle(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+
+
+_tamper_case("integrity-altered", "An object altered behind the store's back raises IntegrityError.", _flip_middle)
+_tamper_case("integrity-truncated", "An object truncated behind the store's back raises IntegrityError.", lambda d: d[: len(d) // 2])
+
+
+def iter_cases(ids: list[str] | None = None) -> Iterator[Case]:
+    """The cases to run: all of them, or those named, in registration order."""
+    if not ids:
+        yield from CASES
+        return
+    wanted = [case_by_id(i).id for i in ids]
+    yield from (c for c in CASES if c.id in wanted)

@@ -1,0 +1,313 @@
+"""A loopback S3 Express zonal endpoint FOR TESTS: CreateSession and session auth in front of a plain S3 server.
+
+No local S3 server implements S3 Express, so this gateway plays the zonal endpoint the way AWS
+documents it, and forwards the data requests to a real S3 server (moto) behind it:
+
+* ``GET /?session`` on the bucket (virtual-hosted ``BUCKET.localhost:PORT`` or path-style
+  ``/BUCKET?session``; a bare ``/?session`` on ``127.0.0.1`` means the gateway's bucket), SigV4
+  signed with the long-term keys, answers ``<CreateSessionResult><Credentials>`` with a fresh
+  session key pair, token and ``Expiration`` (``session_ttl_s`` from now: short in tests, so that
+  refreshes can be observed).
+* Every other request must carry ``x-amz-s3session-token`` of a live session and a SigV4
+  signature made with that session's secret; the signature is verified in full (canonical
+  request, signed headers, scope), then the request is re-signed with the upstream server's keys
+  and forwarded path-style, bodies streamed both ways.
+
+``sessions_created``, ``requests_served`` and ``rejected`` let tests assert "one session,
+reused, refreshed when it expires". Plain HTTP on loopback: AWS requires TLS on real zonal
+endpoints; pass ``tls_cert=(certfile, keyfile)`` to serve HTTPS.
+
+Running the same tests against a real directory bucket: see the "S3 Express" section of
+docs/reliability.md (``KVSTORE_S3EXPRESS_URL=s3://NAME--AZID--x-s3/prefix`` with AWS credentials).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import hmac
+import http.client
+import secrets
+import ssl
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+CHUNK = 1 << 20
+# Headers that describe one hop, never forwarded.
+_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host",
+        "authorization", "x-amz-s3session-token", "x-amz-security-token", "x-amz-date", "expect"}
+
+
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+
+
+def _quote(text: str) -> str:
+    return urllib.parse.quote(text, safe="-_.~")
+
+
+def canonical_query(raw_query: str) -> str:
+    """SigV4's canonical query string: each name and value percent-encoded once, sorted."""
+    pairs = []
+    for part in raw_query.split("&") if raw_query else []:
+        name, _, value = part.partition("=")
+        pairs.append((_quote(urllib.parse.unquote(name)), _quote(urllib.parse.unquote(value))))
+    return "&".join(f"{n}={v}" for n, v in sorted(pairs))
+
+
+def signature(secret: str, amz_date: str, scope: str, method: str, path: str, raw_query: str,
+              headers: dict[str, str], signed: list[str], payload_hash: str) -> str:
+    """The SigV4 signature of a request (S3 flavour: the path is used as sent, not re-encoded)."""
+    canonical_headers = "".join(f"{h}:{' '.join(headers.get(h, '').split())}\n" for h in signed)
+    canonical = "\n".join([method, path or "/", canonical_query(raw_query), canonical_headers, ";".join(signed),
+                           payload_hash])
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    date, region, service, _ = scope.split("/")
+    key = _hmac(_hmac(_hmac(_hmac(("AWS4" + secret).encode(), date), region), service), "aws4_request")
+    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class Session:
+    access_key: str
+    secret_key: str
+    token: str
+    bucket: str
+    expires: float  # seconds since the epoch
+
+
+class AuthFailure(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class S3ExpressGateway:
+    """The test stand-in for a zonal endpoint (see the module docstring). Start with ``with`` or ``start()``."""
+
+    def __init__(self, upstream: str, access_key: str, secret_key: str, *, bucket: str, region: str = "us-east-1",
+                 upstream_access_key: str | None = None, upstream_secret_key: str | None = None,
+                 session_ttl_s: float = 300.0, tls_cert: tuple[str, str] | None = None) -> None:
+        parsed = urllib.parse.urlsplit(upstream)
+        self.upstream_host, self.upstream_port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        self.access_key, self._secret_key = access_key, secret_key
+        self._upstream_keys = (upstream_access_key or access_key, upstream_secret_key or secret_key)
+        self.bucket, self.region, self.session_ttl_s = bucket, region, session_ttl_s
+        self.sessions_created = 0
+        self.requests_served = 0
+        self.rejected: list[str] = []  # error codes of refused requests, in order
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server.daemon_threads = True
+        self.scheme = "http"
+        if tls_cert:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls_cert)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self.scheme = "https"
+        self.port = self._server.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"S3ExpressGateway(port={self.port}, bucket={self.bucket!r}, sessions={self.sessions_created})"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def start(self) -> "S3ExpressGateway":
+        self._thread = threading.Thread(target=self._server.serve_forever, name="s3express-gateway", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread:
+            self._thread.join(5)
+
+    def __enter__(self) -> "S3ExpressGateway":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def create_bucket(self) -> None:
+        """Create the gateway's bucket upstream (SDKs such as boto3 would send CreateSession for a ``--x-s3`` name)."""
+        path = f"/{self.bucket}"
+        conn = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=30)
+        try:
+            conn.request("PUT", path, headers=self.sign_upstream("PUT", path, "", hashlib.sha256(b"").hexdigest()))
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise RuntimeError(f"creating {self.bucket!r} upstream failed: HTTP {response.status} {body[:200]!r}")
+
+    def expire_sessions(self) -> None:
+        """End every session now, as if their time had run out."""
+        with self._lock:
+            self._sessions = {t: Session(s.access_key, s.secret_key, t, s.bucket, 0.0) for t, s in self._sessions.items()}
+
+    # -- the two halves of S3 Express auth ------------------------------------------------
+    def create_session(self, bucket: str) -> Session:
+        session = Session("ASIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30), secrets.token_urlsafe(48),
+                          bucket, time.time() + self.session_ttl_s)
+        with self._lock:
+            self._sessions[session.token] = session
+            self.sessions_created += 1
+        return session
+
+    def verify(self, method: str, path: str, raw_query: str, headers: dict[str, str], session_auth: bool) -> Session | None:
+        """Check the request's SigV4 signature; for data requests, against a live session's secret."""
+        auth = headers.get("authorization", "")
+        if not auth.startswith("AWS4-HMAC-SHA256 "):
+            raise AuthFailure("AccessDenied", "SigV4 Authorization header required")
+        fields = dict(part.strip().split("=", 1) for part in auth[len("AWS4-HMAC-SHA256 "):].split(","))
+        access_key, _, scope = fields.get("Credential", "").partition("/")
+        signed = fields.get("SignedHeaders", "").split(";")
+        session = None
+        if session_auth:
+            token = headers.get("x-amz-s3session-token")
+            with self._lock:
+                session = self._sessions.get(token or "")
+            if session is None:
+                raise AuthFailure("InvalidToken", "unknown or missing x-amz-s3session-token")
+            if session.expires <= time.time():
+                raise AuthFailure("ExpiredToken", "the session has expired")
+            if "x-amz-s3session-token" not in signed:
+                raise AuthFailure("AccessDenied", "x-amz-s3session-token must be signed")
+            expected_key, secret = session.access_key, session.secret_key
+        else:
+            expected_key, secret = self.access_key, self._secret_key
+        if access_key != expected_key or scope.count("/") != 3 or scope.split("/")[2] not in ("s3", "s3express"):
+            raise AuthFailure("InvalidAccessKeyId", "unknown access key or malformed credential scope")
+        payload = headers.get("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
+        expected = signature(secret, headers.get("x-amz-date", ""), scope, method, path, raw_query, headers, signed,
+                             payload)
+        if not hmac.compare_digest(expected, fields.get("Signature", "")):
+            raise AuthFailure("SignatureDoesNotMatch", "the request signature does not match")
+        return session
+
+    def sign_upstream(self, method: str, path: str, raw_query: str, payload_hash: str) -> dict[str, str]:
+        """Headers that authenticate a forwarded request to the upstream server."""
+        access_key, secret = self._upstream_keys
+        now = _dt.datetime.now(_dt.timezone.utc)
+        amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+        scope = f"{amz_date[:8]}/{self.region}/s3/aws4_request"
+        headers = {"host": f"{self.upstream_host}:{self.upstream_port}", "x-amz-content-sha256": payload_hash,
+                   "x-amz-date": amz_date}
+        signed = sorted(headers)
+        sig = signature(secret, amz_date, scope, method, path, raw_query, headers, signed, payload_hash)
+        headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
+                                    f"SignedHeaders={';'.join(signed)}, Signature={sig}")
+        return headers
+
+
+def _error_xml(code: str, message: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+            f"</Error>").encode()
+
+
+def _handler_for(gateway: S3ExpressGateway) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+            pass
+
+        def _answer(self, status: int, body: bytes, content_type: str = "application/xml") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _bucket_and_key(self, path: str) -> tuple[str, str]:
+            """(bucket, path inside the bucket), from a virtual-hosted host or a path-style path."""
+            host = self.headers.get("Host", "").rsplit(":", 1)[0]
+            if host.endswith(".localhost"):
+                return host[: -len(".localhost")], path
+            bucket, _, rest = path.lstrip("/").partition("/")
+            if not bucket:
+                return gateway.bucket, "/"
+            return bucket, "/" + rest
+
+        def _drain(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            while length > 0:
+                length -= len(self.rfile.read(min(CHUNK, length)))
+
+        def _handle(self) -> None:
+            path, _, raw_query = self.path.partition("?")
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            bucket, key_path = self._bucket_and_key(path)
+            is_create_session = key_path == "/" and "session" in urllib.parse.parse_qs(raw_query, keep_blank_values=True)
+            try:
+                gateway.verify(self.command, path, raw_query, headers, session_auth=not is_create_session)
+            except AuthFailure as failure:
+                with gateway._lock:
+                    gateway.rejected.append(failure.code)
+                self._drain()
+                self._answer(403 if failure.code != "ExpiredToken" else 400, _error_xml(failure.code, str(failure)))
+                return
+            if is_create_session:
+                session = gateway.create_session(bucket)
+                expiration = _dt.datetime.fromtimestamp(session.expires, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                self._answer(200, (
+                    '<?xml version="1.0" encoding="UTF-8"?>\n'
+                    '<CreateSessionResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Credentials>'
+                    f"<SessionToken>{session.token}</SessionToken><SecretAccessKey>{session.secret_key}</SecretAccessKey>"
+                    f"<AccessKeyId>{session.access_key}</AccessKeyId><Expiration>{expiration}</Expiration>"
+                    "</Credentials></CreateSessionResult>").encode())
+                return
+            self._forward(bucket, key_path, raw_query, headers)
+
+        def _forward(self, bucket: str, key_path: str, raw_query: str, headers: dict[str, str]) -> None:
+            upstream_path = f"/{bucket}{key_path if key_path != '/' else ''}"
+            payload = headers.get("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
+            length = int(headers.get("content-length") or 0)
+            conn = http.client.HTTPConnection(gateway.upstream_host, gateway.upstream_port, timeout=60)
+            try:
+                conn.putrequest(self.command, upstream_path + (f"?{raw_query}" if raw_query else ""),
+                                skip_host=True, skip_accept_encoding=True)
+                for name, value in self.headers.items():
+                    if name.lower() not in _HOP:
+                        conn.putheader(name, value)
+                for name, value in gateway.sign_upstream(self.command, upstream_path, raw_query, payload).items():
+                    if name != "x-amz-content-sha256" or "x-amz-content-sha256" not in headers:
+                        conn.putheader(name, value)
+                conn.endheaders()
+                while length > 0:
+                    chunk = self.rfile.read(min(CHUNK, length))
+                    if not chunk:
+                        break
+                    conn.send(chunk)
+                    length -= len(chunk)
+                response = conn.getresponse()
+                self.send_response(response.status)
+                for name, value in response.getheaders():
+                    if name.lower() not in _HOP:
+                        self.send_header(name, value)
+                if response.getheader("Content-Length") is None and self.command != "HEAD":
+                    body = response.read()
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                else:
+                    self.end_headers()
+                    while chunk := response.read(CHUNK):
+                        self.wfile.write(chunk)
+            finally:
+                conn.close()
+            with gateway._lock:
+                gateway.requests_served += 1
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+    return Handler

@@ -1,0 +1,73 @@
+"""``kvstore bench`` end to end against the null endpoint, and the null endpoint's S3 answers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvstore.bench.null_endpoint import LABEL, NullEndpoint, payload
+from kvstore.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def null_endpoint():
+    with NullEndpoint() as endpoint:
+        yield endpoint
+
+
+def test_bench_against_the_null_endpoint_writes_every_contender(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "--server", "null", "--size", "1MiB", "--count", "4", "--concurrency", "2", "--rounds", "1",
+        "--ops", "put,get,get_into,exists", "--backends", "crt", "--baselines", "awscrt,obstore", "--quiet",
+        "--json", str(out),
+    ])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["endpoint_label"] == LABEL
+    assert data["limits"]["tcp_one_stream"] > 0 and data["limits"]["memcpy"] > 0
+    by = {(r["contender"], r["op"]): r for r in data["results"]}
+    assert {c for c, _ in by} == {"kvstore-crt", "awscrt", "obstore"}
+    for (contender, op), r in by.items():
+        assert r["status"] == "ok", (contender, op, r["status"])
+        assert r["ops_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+        if op != "exists":
+            assert r["gib_per_s"] > 0 and r["cpu_s_per_gib"] > 0
+    assert any(t["target"].startswith("kvstore-crt / awscrt") and t["value"] for t in data["targets"])
+    printed = capsys.readouterr().out
+    assert "kvstore-crt" in printed and "not a storage server" in printed
+
+
+def test_unknown_contender_is_a_usage_error(capsys):
+    assert main(["bench", "--server", "null", "--backends", "nope", "--quiet"]) == 2
+    assert "unknown backend 'nope'" in capsys.readouterr().err
+
+
+def test_null_endpoint_serves_ranges_heads_and_lists(null_endpoint):
+    import boto3
+
+    client = boto3.client(
+        "s3", endpoint_url=null_endpoint.endpoint, region_name=null_endpoint.region,
+        aws_access_key_id=null_endpoint.access_key, aws_secret_access_key=null_endpoint.secret_key,
+    )
+    size = 100_000
+    client.put_object(Bucket="b", Key="dir/obj", Body=payload(size), Metadata={"kind": "chunk"})
+
+    ranged = client.get_object(Bucket="b", Key="dir/obj", Range="bytes=1000-1999")
+    assert ranged["ResponseMetadata"]["HTTPStatusCode"] == 206
+    assert ranged["ContentRange"] == f"bytes 1000-1999/{size}"
+    assert ranged["Body"].read() == payload(size)[1000:2000]
+
+    tail = client.get_object(Bucket="b", Key="dir/obj", Range="bytes=-10")
+    assert tail["Body"].read() == payload(size)[-10:]
+
+    head = client.head_object(Bucket="b", Key="dir/obj")
+    assert head["ContentLength"] == size and head["Metadata"] == {"kind": "chunk"}
+
+    assert client.get_object(Bucket="b", Key="dir/obj")["Body"].read() == payload(size)
+    listed = client.list_objects_v2(Bucket="b", Prefix="dir/")
+    assert [(o["Key"], o["Size"]) for o in listed["Contents"]] == [("dir/obj", size)]
+
+    with pytest.raises(client.exceptions.NoSuchKey):
+        client.get_object(Bucket="b", Key="dir/missing")

@@ -1,0 +1,106 @@
+"""``kvstore dump`` and ``kvstore kv ls | stat | verify | gc``, and the end-to-end demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("lmcache")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from kvstore.cli.common import EXIT_FAILED, EXIT_USAGE  # noqa: E402
+from kvstore.cli.kv_cmd import parse_age, parse_size  # noqa: E402
+from kvstore.cli.main import main  # noqa: E402
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "prompts.safetensors"
+    safetensors_torch.save_file({
+        "a.tokens": torch.randint(0, 1000, (20,), generator=g), "a.kv": torch.randn(2, 2, 20, 32, generator=g).half(),
+        "b.tokens": torch.randint(0, 1000, (9,), generator=g), "b.kv": torch.randn(2, 2, 9, 32, generator=g).half(),
+    }, str(path))
+    return str(path)
+
+
+def _run(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def test_dump_ls_verify_gc(tmp_path, prompts, capsys):
+    url = str(tmp_path / "store")
+    common = ("--url", url, "--model", "org/m", "--input", prompts, "--chunk-size", "8")
+    code, out = _run(capsys, "dump", *common, "--json")
+    assert code == 0
+    rows = {r["prompt"]: r for r in json.loads(out)["prompts"]}
+    assert (rows["a"]["written"], rows["b"]["written"]) == (3, 2) and rows["a"]["bytes"] == 2 * 2 * 20 * 32 * 2
+    code, out = _run(capsys, "dump", *common, "--json")
+    assert [r["skipped"] for r in json.loads(out)["prompts"]] == [3, 2]
+
+    code, out = _run(capsys, "kv", "ls", "--url", url, "--json", "--long")
+    chunks = json.loads(out)
+    assert code == 0 and len(chunks) == 5 and sorted(c["tokens"] for c in chunks) == [1, 4, 8, 8, 8]
+    code, out = _run(capsys, "kv", "stat", "--url", url, "--json")
+    assert json.loads(out)[0]["chunks"] == 5 and json.loads(out)[0]["model"] == "org_m"
+
+    code, out = _run(capsys, "kv", "verify", *common, "--json")
+    assert code == 0 and json.loads(out)["ok"]
+    os.remove(os.path.join(url, chunks[0]["key"] + "#"))
+    code, out = _run(capsys, "kv", "verify", *common, "--json")
+    assert code == EXIT_FAILED and not json.loads(out)["ok"]
+
+    code, out = _run(capsys, "kv", "gc", "--url", url, "--max-bytes", "0", "--json")
+    assert code == 0 and json.loads(out)["dry_run"] and len(json.loads(out)["removed"]) == 4
+    code, out = _run(capsys, "kv", "gc", "--url", url, "--max-bytes", "0", "--delete", "--json")
+    assert len(json.loads(out)["removed"]) == 4
+    code, out = _run(capsys, "kv", "ls", "--url", url, "--json")
+    assert json.loads(out) == []
+
+
+def test_dump_from_a_local_transformers_model(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "model"))
+    (tmp_path / "p.txt").write_text("hello object store " * 3)
+    url = str(tmp_path / "store")
+    args = ("--url", url, "--model", "tiny", "--hf-model", str(tmp_path / "model"), "--text", str(tmp_path / "p.txt"),
+            "--chunk-size", "16", "--dtype", "float32")
+    code, out = _run(capsys, "dump", *args, "--json")
+    report = json.loads(out)
+    assert code == 0 and report["prompts"][0]["tokens"] == 57 and report["prompts"][0]["written"] == 4
+    assert report["layout"]["num_kv_heads"] == 2 and report["layout"]["head_dim"] == 16
+    code, out = _run(capsys, "kv", "verify", *args, "--json")
+    assert code == 0 and json.loads(out)["prompts"][0]["cached_tokens"] == 57
+
+
+def test_bad_arguments_exit_with_usage(tmp_path, capsys):
+    assert main(["kv", "gc", "--url", str(tmp_path)]) == EXIT_USAGE
+    assert main(["kv", "gc", "--url", str(tmp_path), "--max-bytes", "lots"]) == EXIT_USAGE
+    bad = tmp_path / "bad.safetensors"
+    safetensors_torch.save_file({"x": torch.zeros(3)}, str(bad))
+    assert main(["dump", "--url", str(tmp_path / "s"), "--model", "m", "--input", str(bad)]) == EXIT_USAGE
+    assert "'tokens' and 'kv'" in capsys.readouterr().err
+
+
+def test_sizes_and_ages_parse():
+    assert parse_size("500M") == 500_000_000 and parse_size("2GiB") == 2 * 2**30 and parse_size("10") == 10
+    assert parse_age("90s") == 90 and parse_age("7d") == 7 * 86400 and parse_age("3") == 3
+
+
+def test_demo_passes_from_a_clean_directory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}  # the demo fixes it itself
+    result = subprocess.run([sys.executable, "-m", "kvstore.demo"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=110)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: 3 prompts" in result.stdout and "NO" not in result.stdout
+    assert os.path.isdir(tmp_path / ".kvstore-demo")

@@ -1,0 +1,109 @@
+"""The MP-mode L2 adapter, built by LMCache's own plugin loader and factory."""
+
+from __future__ import annotations
+
+import select
+
+import pytest
+
+pytest.importorskip("lmcache.v1.distributed.l2_adapters.plugin_l2_adapter", reason="lmcache is not importable")
+torch = pytest.importorskip("torch")
+
+from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
+from lmcache.v1.distributed.api import ObjectKey  # noqa: E402
+from lmcache.v1.distributed.l2_adapters.config import get_l2_adapter_config_class  # noqa: E402
+from lmcache.v1.distributed.l2_adapters.factory import create_l2_adapter_from_registry  # noqa: E402
+from lmcache.v1.memory_management import MemoryFormat  # noqa: E402
+from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
+from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend  # noqa: E402
+
+import kvstore  # noqa: E402
+from kvstore.lmcache import naming  # noqa: E402
+
+SHAPE = torch.Size([2, 1, 16, 1024])
+
+
+@pytest.fixture(scope="module")
+def cpu_backend():
+    config = LMCacheEngineConfig.from_legacy(chunk_size=16)
+    metadata = LMCacheMetadata(model_name="org/m", world_size=1, local_world_size=1, worker_id=0, local_worker_id=0,
+                               kv_dtype=torch.bfloat16, kv_shape=(1, 2, 16, 8, 128), chunk_size=16)
+    return LocalCPUBackend(config, metadata)
+
+
+def buffer(backend, seed: int | None = None):
+    obj = backend.allocate([SHAPE], [torch.bfloat16], MemoryFormat.KV_2LTD)
+    if seed is not None:
+        obj.tensor.copy_(torch.randn(obj.tensor.shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16))
+    else:
+        obj.tensor.zero_()
+    return obj
+
+
+def wait_fd(fd: int) -> None:
+    ready, _, _ = select.select([fd], [], [], 10)
+    assert ready, "event fd not signalled"
+
+
+def poll(query, task_id):
+    for _ in range(500):
+        result = query(task_id)
+        if result is not None:
+            return result
+        select.select([], [], [], 0.01)
+    raise AssertionError("task never completed")
+
+
+def test_round_trip_through_lmcache_loader(tmp_path, cpu_backend):
+    spec = {"type": "plugin", "module_path": "kvstore.lmcache.l2", "class_name": "KVStoreL2Adapter",
+            "config_class_name": "KVStoreL2AdapterConfig",
+            "adapter_params": {"kvstore_url": f"file://{tmp_path}", "max_capacity_gb": 1}}
+    config = get_l2_adapter_config_class("plugin").from_dict(spec)
+    adapter = create_l2_adapter_from_registry(config)
+    try:
+        fds = {adapter.get_store_event_fd(), adapter.get_lookup_and_lock_event_fd(), adapter.get_load_event_fd()}
+        assert len(fds) == 3
+        keys = [ObjectKey(chunk_hash=bytes([i]) * 8, model_name="org/m", kv_rank=3) for i in range(2)]
+        objs = [buffer(cpu_backend, seed=i) for i in range(2)]
+        task = adapter.submit_store_task(keys, objs)
+        wait_fd(adapter.get_store_event_fd())
+        result = adapter.pop_completed_store_tasks()[task]
+        assert result.is_successful() and result.bytes_transferred() == 2 * objs[0].get_size()
+        assert adapter.get_usage().total_bytes_used == 2 * objs[0].get_size()
+        with kvstore.open(f"file://{tmp_path}") as store:
+            assert store.exists("org/m@00000003@0@" + "00" * 8)  # the built-in S3 L2 adapter's name
+
+        missing = ObjectKey(chunk_hash=b"\xff" * 8, model_name="org/m", kv_rank=3)
+        lookup = adapter.submit_lookup_and_lock_task([keys[0], missing, keys[1]], {})
+        bitmap = poll(adapter.query_lookup_and_lock_result, lookup)
+        assert [bitmap.test(i) for i in range(3)] == [True, False, True]
+
+        targets = [buffer(cpu_backend) for _ in keys]
+        load = adapter.submit_load_task(keys, targets)
+        loaded = poll(adapter.query_load_result, load)
+        assert loaded.test(0) and loaded.test(1)
+        assert all(torch.equal(t.tensor, o.tensor) for t, o in zip(targets, objs))
+
+        adapter.delete([keys[0]])  # locked by the lookup: kept
+        with kvstore.open(f"file://{tmp_path}") as store:
+            assert store.exists(naming.mp_object_name(keys[0]))
+        adapter.submit_unlock(keys)
+        adapter.delete(keys)
+        with kvstore.open(f"file://{tmp_path}") as store:
+            assert not store.exists(naming.mp_object_name(keys[0]))
+        assert adapter.get_usage().total_bytes_used == 0
+    finally:
+        adapter.close()
+
+
+def test_adapter_params_accept_builtin_s3_keys():
+    from kvstore.lmcache.l2 import KVStoreL2AdapterConfig
+
+    config = KVStoreL2AdapterConfig.from_dict({
+        "s3_endpoint": "s3://my-bucket.s3.us-west-2.amazonaws.com", "s3_region": "us-west-2", "s3_num_io_threads": 8,
+        "s3_prefer_http2": True, "s3_enable_s3express": False, "disable_tls": False, "max_capacity_gb": 2,
+        "eviction": {"eviction_policy": "LRU", "trigger_watermark": 0.8, "eviction_ratio": 0.2},
+    })
+    assert config.store_config.bucket == "my-bucket"
+    assert config.store_config.capacity_bytes == 2 * 1024**3
+    assert config.eviction_config is not None
