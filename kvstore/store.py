@@ -55,6 +55,10 @@ class KVStore:
             raise InvalidKey(f"keys are non-empty strings, got {key!r}")
         if any(ord(c) < 32 or ord(c) == 127 for c in key):
             raise InvalidKey(f"control characters in key {key!r}")
+        if any(segment in ("", ".", "..") for segment in key.split("/")):
+            # S3 would take them, but path-based clients rewrite them, servers that keep objects as
+            # files (SeaweedFS) turn "dir/" into a directory, and "../" reads as an escape.
+            raise InvalidKey(f"key {key!r} has an empty, '.' or '..' segment (or a leading or trailing '/')")
         name = self._prefix + key
         try:
             size = len(name.encode("utf-8"))

@@ -99,17 +99,21 @@ class Targets:
         return self._track(ConformanceRun(server.url(bucket, "cf"), {**server.extra_config(), **extra}))
 
     def _s3express(self, server, extra: dict) -> ConformanceRun:
-        try:
-            from kvstore.testing.s3express_gateway import S3ExpressGateway
-        except ImportError:
-            pytest.skip("gateway not available")
+        from kvstore.testing.s3express_gateway import S3ExpressGateway
+
+        if extra["kvstore_backend"] == "obstore":
+            pytest.skip("obstore sends CreateSession to the zonal AWS host it derives from the bucket name and "
+                        "ignores the endpoint, so no loopback gateway can stand in (see docs/reliability.md)")
         bucket = f"cf{uuid.uuid4().hex[:8]}--use1-az4--x-s3"
         server.create_bucket(bucket)
         self._undo.append(lambda: server.delete_bucket(bucket))
         gateway = S3ExpressGateway(server.endpoint, server.access_key, server.secret_key, bucket=bucket,
                                    region=server.region).start()
         self._undo.append(gateway.stop)
-        config = {**server.extra_config(), **extra, "s3_endpoint_url": gateway.endpoint, "s3_enable_s3express": "true"}
+        # The s3express profile insists on TLS; the loopback gateway speaks plain HTTP, so the generic
+        # s3 profile with session auth switched on stands in for it.
+        config = {**server.extra_config(), **extra, "s3_endpoint_url": gateway.endpoint, "s3_enable_s3express": "true",
+                  "kvstore_profile": "s3"}
         return self._track(ConformanceRun(f"s3://{bucket}/cf", config))
 
     def _track(self, factory: ConformanceRun) -> ConformanceRun:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Mapping
 
 from kvstore.config import StoreConfig
-from kvstore.errors import BufferTooSmall, IntegrityError, InvalidKey
+from kvstore.errors import BufferTooSmall, IntegrityError
 
 
 @dataclass(frozen=True)
@@ -129,14 +129,6 @@ def _torch_bytes(tensor):
     return flat.view(__import__("torch").uint8).numpy() if flat.numel() else bytearray()
 
 
-
-
-def reject_rewritten_names(name: str, backend: str) -> str:
-    """Refuse names that path-based clients rewrite or that escape a root: empty, '.' or '..' segments."""
-    if any(segment in ("", ".", "..") for segment in name.split("/")):
-        raise InvalidKey(f"the {backend} backend cannot store {name!r}: empty, '.' and '..' path segments "
-                         "(and a leading or trailing '/') are rewritten by its client or escape the root")
-    return name
 
 
 def read_exactly(readinto, name: str, size: int, buffer: memoryview) -> None:

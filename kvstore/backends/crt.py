@@ -264,7 +264,7 @@ class CrtBackend(Backend):
         except _Abandoned:
             raise StoreUnavailable(f"{pending.what}: the backend was closed", retryable=False) from None
         except BaseException as exc:
-            mapped = crt_error(exc, pending.what)
+            mapped = crt_error(exc, pending.what, self.config.endpoint)
             if self._closed and isinstance(mapped, StoreUnavailable) and mapped.connection:
                 raise StoreUnavailable(f"{pending.what}: the backend was closed", retryable=False) from None
             if mapped is exc:

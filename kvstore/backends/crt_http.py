@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import socket
 import xml.etree.ElementTree as ET
 from email.utils import parsedate_to_datetime
 from typing import Iterable, Iterator, Sequence
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from kvstore.backends.s3errors import error_code, from_status
-from kvstore.errors import IntegrityError, StoreUnavailable
+from kvstore.errors import AuthError, IntegrityError, StoreUnavailable
 
 META_PREFIX = "x-amz-meta-"
 DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
@@ -130,7 +131,7 @@ def body_checksum_header(body: bytes, s3express: bool) -> tuple[str, str]:
     return "Content-MD5", base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
 
 
-def crt_error(exc: BaseException, what: str) -> BaseException:
+def crt_error(exc: BaseException, what: str, endpoint: str = "") -> BaseException:
     """The kvstore error for what an awscrt request failed with; exceptions raised in our callbacks pass through."""
     from awscrt.exceptions import AwsCrtError
     from awscrt.s3 import S3ResponseError
@@ -147,8 +148,22 @@ def crt_error(exc: BaseException, what: str) -> BaseException:
             return IntegrityError(f"{what}: {exc.name}")
         if exc.name in _STATUS_OF:
             return from_status(_STATUS_OF[exc.name], None, what)
+        if exc.name == "AWS_ERROR_S3EXPRESS_CREATE_SESSION_FAILED" and endpoint and _reachable(endpoint):
+            # The CRT hides CreateSession's answer; an endpoint that takes connections but grants no
+            # session has refused the credentials.
+            return AuthError(f"{what}: S3 Express CreateSession was refused (check the keys and bucket access)")
         return StoreUnavailable(f"{what}: {exc.name}: {exc.message}", connection=True)
     return exc
+
+
+def _reachable(endpoint: str, timeout_s: float = 1.0) -> bool:
+    parts = urlsplit(endpoint)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                      timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def iter_batches(names: list[str], size: int = DELETE_BATCH) -> Iterator[list[str]]:

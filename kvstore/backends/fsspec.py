@@ -14,7 +14,7 @@ from typing import Iterator, Mapping
 import fsspec
 from fsspec.asyn import sync
 
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult, read_exactly, reject_rewritten_names
+from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult, read_exactly
 from kvstore.backends.s3errors import from_status
 from kvstore.errors import (
     AuthError, BucketNotFound, BufferTooSmall, ConfigError, IntegrityError, KVStoreError,
@@ -49,7 +49,7 @@ class FsspecBackend(Backend):
 
     # -- names and errors ---------------------------------------------------------------------
     def _path(self, name: str) -> str:
-        return f"{self.root}/{reject_rewritten_names(name, 'fsspec')}"
+        return f"{self.root}/{name}"
 
     def _name(self, path: str) -> str:
         return path[len(self.root) + 1:] if path.startswith(self.root + "/") else path

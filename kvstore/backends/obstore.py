@@ -18,7 +18,7 @@ import obstore
 from obstore import exceptions as obx
 from obstore.store import S3Store
 
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult, reject_rewritten_names
+from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult
 from kvstore.backends.s3errors import error_code, from_status
 from kvstore.errors import (
     AuthError, BucketNotFound, BufferTooSmall, ConfigError, IntegrityError, KVStoreError,
@@ -76,7 +76,6 @@ class ObstoreBackend(Backend):
 
     # -- operations ----------------------------------------------------------------------------
     def put(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
-        reject_rewritten_names(name, "obstore")
         try:
             obstore.put(self._store, name, data, attributes=dict(metadata) or None,
                         mode="create" if if_absent else "overwrite",
@@ -86,7 +85,6 @@ class ObstoreBackend(Backend):
         self._bucket_seen = True
 
     def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
-        reject_rewritten_names(name, "obstore")
         try:
             result = obstore.get(self._store, name)
         except FileNotFoundError as exc:
@@ -113,7 +111,6 @@ class ObstoreBackend(Backend):
         return ReadResult(size, _user_metadata(result.attributes))
 
     def get(self, name: str):
-        reject_rewritten_names(name, "obstore")
         try:
             result = obstore.get(self._store, name)
             data = result.bytes()
@@ -128,7 +125,6 @@ class ObstoreBackend(Backend):
         return memoryview(data), ReadResult(len(data), _user_metadata(result.attributes))
 
     def head(self, name: str) -> ObjectInfo | None:
-        reject_rewritten_names(name, "obstore")
         try:
             result = obstore.get(self._store, name, options={"head": True})
         except FileNotFoundError as exc:
@@ -151,8 +147,6 @@ class ObstoreBackend(Backend):
         return True
 
     def delete_many(self, names: list[str]) -> list[bool]:
-        for name in names:
-            reject_rewritten_names(name, "obstore")
         present = self._present(names)
         doomed = [name for name, there in zip(names, present) if there]
         if doomed:
