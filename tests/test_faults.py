@@ -156,3 +156,28 @@ def test_breaker_opens_on_a_dead_server_and_recovers(moto_bucket, proxy, backend
         time.sleep(1.1)
         assert store.get("k") == DATA  # the half-open probe succeeds
         assert store.metrics()["breaker_state"] == "closed"
+
+
+def test_server_killed_and_restarted(backend, unique_name):
+    """A crashed server gives errors in time; once it is back, the same store reads its data again."""
+    from kvstore.testing import servers
+
+    reason = servers.available("seaweedfs")
+    if reason:
+        pytest.skip(f"seaweedfs cannot run here: {reason}")
+    with servers.start("seaweedfs") as managed:  # its own server: killing the shared one would hurt others
+        server, bucket = managed.server, unique_name("crash")
+        server.create_bucket(bucket)
+        with open_store((server, bucket), server.endpoint, backend) as store:
+            store.put("k", DATA)
+            managed.kill()
+            result, took = timed(lambda: store.get("k"))
+            assert isinstance(result, KVStoreError), f"read from a dead server returned {type(result).__name__}"
+            assert took < TIMEOUT_S + SLACK_S
+            result, took = timed(lambda: store.put("k2", DATA))
+            assert isinstance(result, KVStoreError) and took < TIMEOUT_S + SLACK_S
+            managed.restart()
+            assert store.get("k") == DATA
+            assert store.get("k2") is None  # the failed put left nothing behind
+            store.put("k2", DATA)
+            assert store.get("k2") == DATA

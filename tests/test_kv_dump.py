@@ -251,3 +251,48 @@ def test_scan_and_gc_remove_the_oldest_first(tmp_path):
         report = gc(s, max_bytes=layout.chunk_bytes(8), dry_run=False, now=now)
         assert [c.key for c in report.removed] == [old.key] and report.kept == 1
         assert not s.exists(old.key) and s.exists("not-a-chunk")
+
+
+_KILLED_DUMP = """
+import sys, torch, kvstore
+from kvstore.kv import KVLayout, dump
+url, endpoint, ak, sk = sys.argv[1:5]
+layout = KVLayout(2, 2, 16, "float16", chunk_size=8)
+tokens = torch.randint(0, 32000, (160,), generator=torch.Generator().manual_seed(0)).tolist()
+kv = torch.randn(layout.chunk_shape(160), generator=torch.Generator().manual_seed(1)).to(layout.torch_dtype)
+extra = {"s3_endpoint_url": endpoint, "aws_access_key_id": ak, "aws_secret_access_key": sk, "s3_region": "us-east-1",
+         "kvstore_max_inflight": "1", "kvstore_timeout_s": "60"}
+with kvstore.open(url, extra) as store:
+    dump(store, tokens, kv, model="org/tiny-model", layout=layout, batch_chunks=1)
+"""
+
+
+def test_dump_killed_midway_resumes_without_rewriting(s3_servers, unique_name):
+    """SIGKILL a dump mid-way (slowed by a delaying proxy in front of moto); the rerun writes only the rest."""
+    from kvstore.testing.faults import FaultProxy
+
+    server = s3_servers.get("moto")
+    bucket = unique_name("killed")
+    server.create_bucket(bucket)
+    url = server.url(bucket, "dumps")
+    layout = KVLayout(2, 2, 16, "float16", chunk_size=8)
+    tokens, kv = _tokens(160), _kv(layout, 160)  # 20 chunks, the same the child computes
+    with FaultProxy(server.port) as proxy, kvstore.open(url, server.extra_config()) as store:
+        proxy.delay(0.15)
+        child = subprocess.Popen([sys.executable, "-c", _KILLED_DUMP, url, proxy.endpoint, server.access_key,
+                                  server.secret_key], env={**os.environ, "PYTHONHASHSEED": "0"})
+        try:
+            deadline = 60
+            while len(list(store.list())) < 5 and deadline > 0 and child.poll() is None:
+                threading.Event().wait(0.1)
+                deadline -= 0.1
+        finally:
+            child.kill()
+            child.wait()
+        before = len(list(store.list()))
+        assert 5 <= before < 20, f"{before} chunks written before the kill"
+    with kvstore.open(url, server.extra_config()) as rerun:
+        report = dump(rerun, tokens, kv, model=MODEL, layout=layout)
+        assert (report.skipped, report.written) == (before, 20 - before)
+        assert rerun.metrics()["operations"]["put"]["calls"] == 20 - before  # nothing written twice
+        assert torch.equal(load(rerun, tokens, model=MODEL, layout=layout), kv)

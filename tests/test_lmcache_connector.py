@@ -71,13 +71,13 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module", params=["file", "moto"])
+@pytest.fixture(scope="module", params=["file", "moto", "seaweedfs", "ceph"])
 def store_target(request, tmp_path_factory):
-    """(url, extra_config) of an empty store: a directory, or a fresh bucket on moto."""
+    """(url, extra_config) of an empty store: a directory, or a fresh bucket on one of the S3 servers."""
     if request.param == "file":
         yield f"file://{tmp_path_factory.mktemp('lmc')}", {}
         return
-    server = request.getfixturevalue("s3_servers").get("moto")
+    server = request.getfixturevalue("s3_servers").get(request.param)
     bucket = f"lmc-{os.urandom(4).hex()}"
     server.create_bucket(bucket)
     yield server.url(bucket, "kv"), server.extra_config()

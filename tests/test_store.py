@@ -10,6 +10,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kvstore
 from kvstore.errors import BufferTooSmall, InvalidKey, KVStoreError, PreconditionFailed
@@ -238,3 +240,25 @@ def test_file_backend_alone_keeps_odd_names_inside_root(tmp_path, name):
     assert backend.get(name)[0] == b"data"
     assert [info.key for info in backend.list("")] == [name]
     assert [p for p in tmp_path.rglob("*") if not str(p).startswith(str(root))] == []
+
+
+@pytest.fixture(scope="module")
+def fuzz_stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz")
+    with kvstore.open("memory://fuzz") as memory, kvstore.open(str(root / "store")) as file:
+        yield root, [memory, file]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=300))
+def test_fuzz_keys_are_refused_cleanly_or_round_trip(fuzz_stores, key):
+    root, stores = fuzz_stores
+    for store in stores:
+        try:
+            store.put(key, b"v")
+        except InvalidKey:
+            continue
+        assert store.get(key) == b"v"
+        assert key in set(store.list())
+        assert store.delete(key)
+    assert all(str(p).startswith(str(root / "store")) for p in root.rglob("*"))
