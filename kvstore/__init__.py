@@ -6,7 +6,9 @@ configuration it would use. Backend client libraries are imported only when a st
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping
+from urllib.parse import urlsplit
 
 from kvstore.backends.base import ObjectInfo
 from kvstore.config import Credentials, StoreConfig, resolve
@@ -29,8 +31,24 @@ def open_config(config: StoreConfig) -> KVStore:
     from kvstore.backends import backend_class
     from kvstore.layers import wrap
 
+    _warn_if_plain_http(config)
     backend = backend_class(config.backend)(config)
     return KVStore(config, wrap(backend, config))
+
+
+_warned_hosts: set[str] = set()
+
+
+def _warn_if_plain_http(config: StoreConfig) -> None:
+    """One warning per host when data would cross a network unencrypted."""
+    from kvstore.config.profiles import is_loopback_or_private
+
+    host = urlsplit(config.endpoint).hostname or ""
+    if config.is_s3 and not config.tls and not is_loopback_or_private(host) and host not in _warned_hosts:
+        _warned_hosts.add(host)
+        logging.getLogger("kvstore").warning(
+            "plain HTTP to %s: KV data and request signatures travel unencrypted (drop disable_tls, "
+            "or use https:// in the endpoint)", host)
 
 
 __all__ = [

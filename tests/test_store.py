@@ -262,3 +262,16 @@ def test_fuzz_keys_are_refused_cleanly_or_round_trip(fuzz_stores, key):
         assert key in set(store.list())
         assert store.delete(key)
     assert all(str(p).startswith(str(root / "store")) for p in root.rglob("*"))
+
+
+def test_plain_http_to_a_public_host_warns_once(caplog):
+    extra = {"s3_region": "us-east-1", "aws_access_key_id": "AKIAEXAMPLE", "aws_secret_access_key": "s3cr3t-value"}
+    with caplog.at_level("WARNING", logger="kvstore"):
+        for _ in range(2):
+            kvstore.open("s3://b12/p", {**extra, "s3_endpoint_url": "http://objects.example.com:9000"}).close()
+        kvstore.open("s3://b12/p", {**extra, "s3_endpoint_url": "http://127.0.0.1:9000"}).close()
+        kvstore.open("s3://b12/p", {**extra, "s3_endpoint_url": "http://minio.kv.svc.cluster.local:9000"}).close()
+        kvstore.open("s3://test-127.cwlota.com", {**extra, "disable_tls": True}).close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kvstore"]
+    assert len(warnings) == 1 and "objects.example.com" in warnings[0]
+    assert "s3cr3t-value" not in caplog.text

@@ -96,7 +96,9 @@ def express_zone(bucket: str) -> str | None:
 def is_loopback_or_private(host: str) -> bool:
     """True for hosts where plain HTTP is expected: loopback, link-local, private, cluster-local."""
     host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith((".localhost", ".local", ".internal", ".cluster.local", ".svc")):
+    # cwlota.com is CoreWeave's in-cluster cache, plain HTTP by design.
+    if host in ("localhost", "cwlota.com") or host.endswith(
+            (".localhost", ".local", ".internal", ".cluster.local", ".svc", ".cwlota.com")):
         return True
     try:
         address = ipaddress.ip_address(host)

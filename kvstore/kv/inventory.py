@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from kvstore.kv.concurrency import parallel_map
-from kvstore.kv.layout import META_TOKENS
+from kvstore.lmcache.naming import META_TOKENS
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvstore.errors import ConfigError
+from kvstore.lmcache.naming import META_DTYPES, META_FMT, META_SHAPES, META_TOKENS
 
 FORMATS = ("KV_2LTD", "KV_MLA_FMT")
 
@@ -120,13 +121,6 @@ class KVLayout:
         return (self.num_layers, 1 if self.mla else 2, self.chunk_size, self.num_kv_heads, self.head_dim)
 
 
-
-# Object metadata written with every chunk: the same keys and spelling as the LMCache adapter's
-# (kvstore.lmcache.chunks), so its reads size short chunks from them; a test keeps them equal.
-META_SHAPES = "lmcache-shapes"
-META_DTYPES = "lmcache-dtypes"
-META_FMT = "lmcache-fmt"
-META_TOKENS = "lmcache-tokens"
 
 
 def chunk_metadata(layout: KVLayout, num_tokens: int) -> dict[str, str]:

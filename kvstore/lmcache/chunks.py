@@ -14,10 +14,8 @@ import torch
 
 from lmcache.v1.memory_management import MemoryFormat, MemoryObj
 
-SHAPES = "lmcache-shapes"
-DTYPES = "lmcache-dtypes"
-FORMAT = "lmcache-fmt"
-TOKENS = "lmcache-tokens"
+from kvstore.lmcache.naming import META_DTYPES, META_FMT, META_SHAPES, META_TOKENS
+
 TOKEN_DIM = 2  # [2 or 1, layers, tokens, hidden] for KV_2LTD and KV_MLA_FMT
 
 
@@ -43,10 +41,10 @@ class ChunkLayout:
 
     def metadata(self) -> dict[str, str]:
         return {
-            SHAPES: ";".join("x".join(str(int(n)) for n in s) for s in self.shapes),
-            DTYPES: ";".join(str(d).removeprefix("torch.") for d in self.dtypes),
-            FORMAT: self.fmt.name,
-            TOKENS: str(self.tokens),
+            META_SHAPES: ";".join("x".join(str(int(n)) for n in s) for s in self.shapes),
+            META_DTYPES: ";".join(str(d).removeprefix("torch.") for d in self.dtypes),
+            META_FMT: self.fmt.name,
+            META_TOKENS: str(self.tokens),
         }
 
 
@@ -58,9 +56,9 @@ def layout_of(memory_obj: MemoryObj) -> ChunkLayout:
 def layout_from_metadata(metadata: Mapping[str, str]) -> ChunkLayout | None:
     """The layout written by ``ChunkLayout.metadata``; None when absent or unreadable."""
     try:
-        shapes = [torch.Size(int(n) for n in s.split("x")) for s in metadata[SHAPES].split(";")]
-        dtypes = [getattr(torch, name) for name in metadata[DTYPES].split(";")]
-        fmt = MemoryFormat[metadata[FORMAT]]
+        shapes = [torch.Size(int(n) for n in s.split("x")) for s in metadata[META_SHAPES].split(";")]
+        dtypes = [getattr(torch, name) for name in metadata[META_DTYPES].split(";")]
+        fmt = MemoryFormat[metadata[META_FMT]]
     except (KeyError, ValueError, AttributeError):
         return None
     if len(shapes) != len(dtypes) or not all(isinstance(d, torch.dtype) for d in dtypes):

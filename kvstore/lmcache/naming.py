@@ -17,6 +17,11 @@ from __future__ import annotations
 import hashlib
 
 LAYOUTS = ("flat", "hashed")
+# Object metadata written with every chunk (x-amz-meta-* on S3), read back to size short chunks.
+META_SHAPES = "lmcache-shapes"
+META_DTYPES = "lmcache-dtypes"
+META_FMT = "lmcache-fmt"
+META_TOKENS = "lmcache-tokens"
 HASH_CHARS = 4
 # Object names stay well inside S3's 1024-byte limit, leaving room for the store's prefix.
 MAX_CHUNK_NAME_BYTES = 768
