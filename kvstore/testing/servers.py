@@ -505,6 +505,7 @@ class ManagedServer:
 
     name = "?"
     restart_keeps_data = True
+    _front: subprocess.Popen | None = None  # the process serving S3 (None while killed)
 
     def __init__(self, *, start_timeout: float):
         self.workdir = Path()  # set by _boot()
@@ -539,7 +540,7 @@ class ManagedServer:
     @property
     def alive(self) -> bool:
         """True while the S3 front end and every helper daemon are running."""
-        front = self._frontend()
+        front = self._front
         return (not self._stopped and front is not None and front.poll() is None
                 and all(p.poll() is None for p in self._procs))
 
@@ -692,12 +693,11 @@ class ManagedServer:
     def _start_all(self) -> None:
         self._launch_frontend(self.start_timeout, first=True)
 
-    def _frontend(self) -> subprocess.Popen | None:
-        """The process serving S3 (None while killed)."""
-        raise NotImplementedError
-
     def _kill_frontend(self, grace: float) -> None:
-        raise NotImplementedError
+        if self._front is not None:
+            _end_processes([self._front], grace)
+            self._forget(self._front)
+            self._front = None
 
     def _launch_frontend(self, timeout: float, first: bool) -> None:
         raise NotImplementedError
@@ -752,17 +752,7 @@ class MotoServer(ManagedServer):
         self.restart_keeps_data = persist
         self.port = free_port()
         self._seed = random.randrange(1, 2**31)
-        self._proc: subprocess.Popen | None = None
         self._boot()
-
-    def _frontend(self) -> subprocess.Popen | None:
-        return self._proc
-
-    def _kill_frontend(self, grace: float) -> None:
-        if self._proc is not None:
-            _end_processes([self._proc], grace)
-            self._forget(self._proc)
-            self._proc = None
 
     def _launch_frontend(self, timeout: float, first: bool) -> None:
         deadline = time.monotonic() + timeout
@@ -773,13 +763,13 @@ class MotoServer(ManagedServer):
         env.setdefault("AWS_DEFAULT_REGION", DEFAULT_REGION)
         env["PYTHONUNBUFFERED"] = "1"
         cmd = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(self.port)]
-        self._proc = self._spawn(cmd, "moto.log", env=env, cwd=self.workdir)
+        self._front = self._spawn(cmd, "moto.log", env=env, cwd=self.workdir)
         # Werkzeug prints this once it has bound the port; a bare connect could reach another
         # program that took the port first.
         banner = f"Running on http://{LOOPBACK}:{self.port}".encode()
         log = self._log("moto.log")
         self._wait("moto listening", lambda: banner in log.read_bytes() and _tcp_open(self.port),
-                   deadline, [self._proc], 0.05)
+                   deadline, [self._front], 0.05)
 
         base = f"http://{LOOPBACK}:{self.port}"
         self._moto_api(f"{base}/moto-api/seed?a={self._seed}")
@@ -804,7 +794,7 @@ class MotoServer(ManagedServer):
             if not first:
                 self._moto_api(f"{base}/moto-api/recorder/replay-recording", method="GET", timeout=600)
             self._moto_api(f"{base}/moto-api/recorder/start-recording", method="GET")
-        self._wait("moto signed request", _signed_probe(server), deadline, [self._proc], 0.1)
+        self._wait("moto signed request", _signed_probe(server), deadline, [self._front], 0.1)
 
     def _moto_api(self, url: str, data: bytes | None = b"", method: str = "POST", timeout: float = 30) -> None:
         try:
@@ -881,7 +871,6 @@ class SeaweedServer(ManagedServer):
         self.port = self.ports["s3.port"]
         self.access_key = "kvstore"
         self.secret_key = "kvstore-" + uuid.uuid4().hex
-        self._proc: subprocess.Popen | None = None
         self._boot()
 
     def _prepare(self) -> None:
@@ -922,15 +911,6 @@ class SeaweedServer(ManagedServer):
         ]
         return cmd
 
-    def _frontend(self) -> subprocess.Popen | None:
-        return self._proc
-
-    def _kill_frontend(self, grace: float) -> None:
-        if self._proc is not None:
-            _end_processes([self._proc], grace)
-            self._forget(self._proc)
-            self._proc = None
-
     def _grpc_sockets(self) -> list[Path]:
         # weed puts its local gRPC sockets at the fixed path /tmp/seaweedfs-SERVICE-grpc-PORT.sock
         # (TMPDIR is not consulted); the ports are ours, so are the sockets.
@@ -946,7 +926,7 @@ class SeaweedServer(ManagedServer):
     def _launch_frontend(self, timeout: float, first: bool) -> None:
         deadline = time.monotonic() + timeout
         env = dict(os.environ, TMPDIR=str(self.workdir / "tmp"))
-        self._proc = self._spawn(self._command(), "weed-mini.log", env=env, cwd=self.workdir)
+        self._front = self._spawn(self._command(), "weed-mini.log", env=env, cwd=self.workdir)
         self.server = S3Server(
             name="seaweedfs",
             host=LOOPBACK,
@@ -956,11 +936,11 @@ class SeaweedServer(ManagedServer):
             region=DEFAULT_REGION,
             virtual_host_domain="localhost" if virtual_hosting_works("localhost") else None,
         )
-        self._wait("weed S3 port", lambda: _tcp_open(self.port), deadline, [self._proc], 0.05)
-        self._wait("weed signed request", _signed_probe(self.server), deadline, [self._proc], 0.1)
+        self._wait("weed S3 port", lambda: _tcp_open(self.port), deadline, [self._front], 0.05)
+        self._wait("weed signed request", _signed_probe(self.server), deadline, [self._front], 0.1)
         # After a restart S3 answers before the volume server has re-registered its volumes with
         # the master, and a GET then fails with InternalError: wait for all of them.
-        self._wait("weed volumes", self._volumes_registered, deadline, [self._proc], 0.1)
+        self._wait("weed volumes", self._volumes_registered, deadline, [self._front], 0.1)
 
     def _volumes_registered(self) -> bool:
         want = len(list((self.workdir / "data").glob("*.dat")))
@@ -1060,7 +1040,6 @@ class CephServer(ManagedServer):
         self.memstore_bytes = memstore_bytes
         self._mon: subprocess.Popen | None = None
         self._osd: subprocess.Popen | None = None
-        self._rgw: subprocess.Popen | None = None
         self._boot()
 
     def _prepare(self) -> None:
@@ -1142,18 +1121,9 @@ class CephServer(ManagedServer):
         self.server.client().put_object(Bucket=warm, Key="warmup", Body=b"x")
         self.server.delete_bucket(warm)
 
-    def _frontend(self) -> subprocess.Popen | None:
-        return self._rgw
-
-    def _kill_frontend(self, grace: float) -> None:
-        if self._rgw is not None:
-            _end_processes([self._rgw], grace)
-            self._forget(self._rgw)
-            self._rgw = None
-
     def _launch_frontend(self, timeout: float, first: bool) -> None:
         deadline = time.monotonic() + timeout
-        self._rgw = self._spawn(["radosgw", *self._c(), "-f", "-n", "client.rgw.a"], "radosgw.out")
+        self._front = self._spawn(["radosgw", *self._c(), "-f", "-n", "client.rgw.a"], "radosgw.out")
         self.server = S3Server(
             name="ceph",
             host=LOOPBACK,
@@ -1163,7 +1133,7 @@ class CephServer(ManagedServer):
             region=DEFAULT_REGION,
             virtual_host_domain="localhost" if virtual_hosting_works("localhost") else None,
         )
-        watch = [p for p in (self._mon, self._osd, self._rgw) if p is not None]
+        watch = [p for p in (self._mon, self._osd, self._front) if p is not None]
         self._wait("radosgw listening", lambda: _tcp_open(self.port), deadline, watch, 0.1)
         if not first:
             self._wait("rgw signed request", _signed_probe(self.server), deadline, watch, 0.1)
