@@ -84,15 +84,22 @@ class ObstoreBackend(Backend):
             raise self._error(exc, f"PUT {name!r}") from None
         self._bucket_seen = True
 
-    def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
+    def _fetch(self, name: str, what: str, options: dict | None = None):
+        """obstore's GetResult for ``name``, or None on a miss; failures as kvstore errors."""
         try:
-            result = obstore.get(self._store, name)
+            result = obstore.get(self._store, name, options=options)
         except FileNotFoundError as exc:
-            self._miss(exc, f"GET {name!r}")
+            self._miss(exc, f"{what} {name!r}")
             return None
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, f"GET {name!r}") from None
+        except Exception as exc:  # noqa: BLE001 - every obstore failure is translated
+            raise self._error(exc, f"{what} {name!r}") from None
         self._bucket_seen = True
+        return result
+
+    def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
+        result = self._fetch(name, "GET")
+        if result is None:
+            return None
         size = result.meta["size"]
         if size > len(buffer):
             raise BufferTooSmall(name, size, len(buffer))
@@ -111,28 +118,21 @@ class ObstoreBackend(Backend):
         return ReadResult(size, _user_metadata(result.attributes))
 
     def get(self, name: str):
-        try:
-            result = obstore.get(self._store, name)
-            data = result.bytes()
-        except FileNotFoundError as exc:
-            self._miss(exc, f"GET {name!r}")
+        result = self._fetch(name, "GET")
+        if result is None:
             return None
-        except Exception as exc:  # noqa: BLE001
+        try:
+            data = result.bytes()
+        except obx.BaseError as exc:
             raise self._error(exc, f"GET {name!r}") from None
-        self._bucket_seen = True
         if len(data) != result.meta["size"]:
             raise IntegrityError(f"{name!r}: {len(data)} of {result.meta['size']} bytes arrived")
         return memoryview(data), ReadResult(len(data), _user_metadata(result.attributes))
 
     def head(self, name: str) -> ObjectInfo | None:
-        try:
-            result = obstore.get(self._store, name, options={"head": True})
-        except FileNotFoundError as exc:
-            self._miss(exc, f"HEAD {name!r}")
+        result = self._fetch(name, "HEAD", {"head": True})
+        if result is None:
             return None
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, f"HEAD {name!r}") from None
-        self._bucket_seen = True
         return _info(result.meta, _user_metadata(result.attributes))
 
     def delete(self, name: str) -> bool:

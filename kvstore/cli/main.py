@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from kvstore.cli.common import exit_code_for
+from kvstore.cli.common import EXIT_OK, exit_code_for
 
 # Modules with a ``register(subparsers)`` function; each keeps its heavy imports inside its handlers.
 COMMAND_MODULES = (
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.handler(args) or 0)
+        return int(args.handler(args) or EXIT_OK)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -207,6 +207,13 @@ class S3Server:
     region: str = DEFAULT_REGION
     virtual_host_domain: str | None = None  # "localhost" when BUCKET.localhost:PORT reaches this server
 
+    @classmethod
+    def on_loopback(cls, name: str, port: int, access_key: str, secret_key: str) -> "S3Server":
+        """A server listening on 127.0.0.1, virtual-hosted through ``*.localhost`` where that resolves."""
+        return cls(name=name, host=LOOPBACK, port=port, access_key=access_key, secret_key=secret_key,
+                   region=DEFAULT_REGION,
+                   virtual_host_domain="localhost" if virtual_hosting_works("localhost") else None)
+
     @property
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.port}"
@@ -778,15 +785,7 @@ class MotoServer(ManagedServer):
             self._moto_api(f"{base}/moto-api/reset-auth", data=b"0")
         else:
             access_key, secret_key = "testing", "testing"
-        server = S3Server(
-            name="moto",
-            host=LOOPBACK,
-            port=self.port,
-            access_key=access_key,
-            secret_key=secret_key,
-            region=DEFAULT_REGION,
-            virtual_host_domain="localhost" if virtual_hosting_works("localhost") else None,
-        )
+        server = S3Server.on_loopback("moto", self.port, access_key, secret_key)
         if self.server is not None and self.server != server:
             raise self._fail(f"restart produced different credentials ({server} != {self.server})")
         self.server = server
@@ -927,15 +926,7 @@ class SeaweedServer(ManagedServer):
         deadline = time.monotonic() + timeout
         env = dict(os.environ, TMPDIR=str(self.workdir / "tmp"))
         self._front = self._spawn(self._command(), "weed-mini.log", env=env, cwd=self.workdir)
-        self.server = S3Server(
-            name="seaweedfs",
-            host=LOOPBACK,
-            port=self.port,
-            access_key=self.access_key,
-            secret_key=self.secret_key,
-            region=DEFAULT_REGION,
-            virtual_host_domain="localhost" if virtual_hosting_works("localhost") else None,
-        )
+        self.server = S3Server.on_loopback("seaweedfs", self.port, self.access_key, self.secret_key)
         self._wait("weed S3 port", lambda: _tcp_open(self.port), deadline, [self._front], 0.05)
         self._wait("weed signed request", _signed_probe(self.server), deadline, [self._front], 0.1)
         # After a restart S3 answers before the volume server has re-registered its volumes with
@@ -1124,15 +1115,7 @@ class CephServer(ManagedServer):
     def _launch_frontend(self, timeout: float, first: bool) -> None:
         deadline = time.monotonic() + timeout
         self._front = self._spawn(["radosgw", *self._c(), "-f", "-n", "client.rgw.a"], "radosgw.out")
-        self.server = S3Server(
-            name="ceph",
-            host=LOOPBACK,
-            port=self.port,
-            access_key=self.access_key,
-            secret_key=self.secret_key,
-            region=DEFAULT_REGION,
-            virtual_host_domain="localhost" if virtual_hosting_works("localhost") else None,
-        )
+        self.server = S3Server.on_loopback("ceph", self.port, self.access_key, self.secret_key)
         watch = [p for p in (self._mon, self._osd, self._front) if p is not None]
         self._wait("radosgw listening", lambda: _tcp_open(self.port), deadline, watch, 0.1)
         if not first:
