@@ -55,7 +55,10 @@ QUIRKS = """\
 - **moto** accepts any credentials unless started with authentication enforced (the test servers
   are; otherwise `error-auth` fails because nothing is refused). It has no S3 Express
   (`CreateSession`): the S3 Express cells run through a test gateway that implements session auth
-  in front of moto. With authentication on it rejects query strings that are not percent-encoded
+  in front of moto. The CRT takes the gateway as its endpoint; obstore and botocore (fsspec) go to
+  AWS's zonal host themselves, so they reach the gateway as their HTTPS proxy (`s3_proxy_url`),
+  over TLS checked against a throwaway CA (`s3_ca_bundle`), on the real `s3express` profile.
+  With authentication on it rejects query strings that are not percent-encoded
   (`prefix=a%2F`), which is what `key-*` and `list-prefixes` catch in a client that forgets to.
 - **SeaweedFS** keeps a prefix in `CommonPrefixes` after all its keys are deleted, and does not
   reclaim deleted space. kvstore lists without a delimiter, so listings stay exact.

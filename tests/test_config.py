@@ -167,6 +167,11 @@ def test_unknown_keys_get_did_you_mean(url, extra, key, suggestion):
     ("memory://x", {"kvstore_backend": "crt"}, "kvstore_backend"),
     ("s3://127.0.0.1:9000/b12", {"s3_endpoint_url": "http://other:1"}, "s3_endpoint_url"),
     ("s3://b12", {"s3_region": "x", "s3_endpoint": "s3://other-bucket"}, "s3_endpoint"),
+    ("s3://b12", {"s3_region": "x", "s3_proxy_url": "http://proxy:3128"}, "s3_proxy_url"),  # crt has no proxy
+    ("file:///tmp/x", {"s3_proxy_url": "http://proxy:3128"}, "s3_proxy_url"),
+    ("s3://b12", {"s3_region": "x", "kvstore_backend": "obstore", "s3_proxy_url": "socks5://p:1"}, "s3_proxy_url"),
+    ("s3://b12", {"s3_region": "x", "kvstore_backend": "obstore", "s3_proxy_url": "http://p:1/path"}, "s3_proxy_url"),
+    ("s3://b12", {"s3_region": "x", "kvstore_backend": "obstore", "s3_proxy_url": "http://p:99999"}, "s3_proxy_url"),
 ])
 def test_conflicts_and_invalid_combinations(url, extra, key):
     with pytest.raises(ConfigError) as info:
@@ -205,6 +210,30 @@ def test_secrets_never_shown(capsys):
         assert main(["resolve", "s3://b12", *args, *fmt]) == 0
         out = capsys.readouterr()
         assert SECRET not in out.out + out.err and "TOKENTOKENTOKEN" not in out.out + out.err
+
+
+@pytest.mark.parametrize("backend", ["obstore", "fsspec"])
+def test_proxy_url_password_is_never_shown(backend, capsys):
+    from urllib.parse import quote
+
+    proxy = f"http://user:{quote(SECRET, safe='')}@proxy.internal:3128"
+    extra = {"s3_region": "x", "kvstore_backend": backend, "s3_proxy_url": proxy}
+    c = r("s3://b12", extra)
+    assert c.proxy_url == proxy
+    assert dict((name, shown) for name, shown, _ in c.rows())["proxy_url"] == "http://***@proxy.internal:3128"
+    for text in (repr(c), str(c), str(c.as_dict()), str(c.rows())):
+        assert "EXAMPLEKEY" not in text
+    for malformed in (f"http://user:{SECRET}@proxy.internal:3128", proxy + "/path"):  # an unencoded "/", a path
+        with pytest.raises(ConfigError) as info:
+            r("s3://b12", {**extra, "s3_proxy_url": malformed})
+        assert "EXAMPLEKEY" not in str(info.value) and "proxy.internal:3128" in str(info.value)
+    from kvstore.cli.main import main
+
+    for command in (["resolve", "s3://b12", "--json"], ["lmcache-config", "s3://b12"]):
+        assert main([*command, *(f"--set={k}={v}" for k, v in extra.items())]) == 0
+        out = capsys.readouterr()
+        assert "EXAMPLEKEY" not in out.out + out.err
+        assert "proxy.internal" in out.out or "withheld: s3_proxy_url" in out.out
 
 
 def test_key_table_is_consistent():

@@ -1,12 +1,15 @@
 """S3 Express session auth through the loopback gateway (CreateSession, session reuse and refresh, rejection).
 
-The gateway stands in for a zonal endpoint in front of moto. To run the same round trip against a
-real directory bucket, set KVSTORE_S3EXPRESS_URL=s3://NAME--AZID--x-s3/prefix with AWS credentials
-in the environment (see docs/reliability.md).
+The gateway stands in for a zonal endpoint in front of moto. The CRT takes it as its endpoint
+(plain HTTP); obstore goes to AWS's own zonal host, so it reaches the gateway as its HTTPS proxy,
+over TLS checked against a throwaway CA, with the real "s3express" profile. To run the same round
+trip against a real directory bucket, set KVSTORE_S3EXPRESS_URL=s3://NAME--AZID--x-s3/prefix with
+AWS credentials in the environment (see docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import time
 import urllib.request
@@ -16,9 +19,11 @@ import pytest
 import kvstore
 from kvstore.backends import backend_class
 from kvstore.testing.s3express_gateway import S3ExpressGateway
+from kvstore.testing.tls import ThrowawayCA
 
 pytestmark = pytest.mark.timeout(60)
 TTL_S = 8  # the CRT treats a session as expired 5 s before its Expiration
+OBSTORE_SESSION_S = 300  # obstore keeps a session this long by its own clock, whatever Expiration says
 
 
 def require(backend: str) -> None:
@@ -36,6 +41,28 @@ def gateway(s3_servers, unique_name):
                           session_ttl_s=TTL_S) as gw:
         gw.create_bucket()
         yield server, gw
+
+
+@pytest.fixture
+def zonal_gateway(s3_servers, unique_name, tmp_path):
+    """The gateway as the zonal host itself, reached through CONNECT, granting sessions as long as AWS's."""
+    server = s3_servers.get("moto")
+    bucket = f"{unique_name('kv')}--use1-az4--x-s3"
+    with S3ExpressGateway(server.endpoint, server.access_key, server.secret_key, bucket=bucket, region="us-east-1",
+                          session_ttl_s=OBSTORE_SESSION_S, ca=ThrowawayCA(tmp_path)) as gw:
+        gw.create_bucket()
+        yield server, gw
+
+
+def open_zonal(server, gw: S3ExpressGateway, backend: str = "obstore", **extra) -> kvstore.KVStore:
+    """The real "s3express" profile (TLS, zonal host, session auth), via the gateway as proxy."""
+    require(backend)
+    config = {"kvstore_backend": backend, "aws_access_key_id": server.access_key,
+              "aws_secret_access_key": server.secret_key, "s3_proxy_url": gw.proxy_url, "s3_ca_bundle": gw.ca_file,
+              "kvstore_timeout_s": 5, "kvstore_breaker_threshold": 0, **extra}
+    store = kvstore.open(f"s3://{gw.bucket}/p", config)
+    assert (store.config.profile, store.config.tls, store.config.s3express) == ("s3express", True, True)
+    return store
 
 
 def open_express(server, gw: S3ExpressGateway, backend: str) -> kvstore.KVStore:
@@ -82,6 +109,66 @@ def test_expired_session_is_rejected(gateway):
         assert "ExpiredToken" in gw.rejected
 
 
+@pytest.mark.parametrize("backend", ["obstore", "fsspec"])
+def test_zonal_round_trip_with_one_reused_session(zonal_gateway, backend):
+    server, gw = zonal_gateway
+    with open_zonal(server, gw, backend) as store:
+        for i in range(20):
+            store.put(f"k{i}", bytes([i]) * 1000)
+        assert store.get_many([f"k{i}" for i in range(20)]) == [bytes([i]) * 1000 for i in range(20)]
+        assert store.get("absent") is None
+        assert sorted(store.list()) == sorted(f"k{i}" for i in range(20))
+        assert gw.sessions_created == 1
+        assert gw.requests_served >= 41
+        assert gw.rejected == []
+
+
+def test_obstore_opens_a_new_session_when_the_endpoint_expires_one(zonal_gateway):
+    """obstore would keep a session for 5 minutes of its own clock; the backend renews on ExpiredToken."""
+    server, gw = zonal_gateway
+    with open_zonal(server, gw) as store:
+        store.put("k", b"before")
+        assert gw.sessions_created == 1
+        gw.expire_sessions()
+        assert store.get("k") == b"before"  # refused once, retried on a new session
+        assert (gw.sessions_created, gw.rejected) == (2, ["ExpiredToken"])
+        store.put("k2", b"after")
+        assert gw.sessions_created == 2
+
+
+def test_obstore_without_retries_reports_the_expiry_then_recovers(zonal_gateway):
+    server, gw = zonal_gateway
+    with open_zonal(server, gw, kvstore_max_retries=0) as store:
+        store.put("k", b"v")
+        gw.expire_sessions()
+        with pytest.raises(kvstore.StoreUnavailable, match="expired"):
+            store.get("k")
+        assert store.get("k") == b"v"
+        assert gw.sessions_created == 2
+
+
+def test_obstore_rejects_a_zonal_host_it_cannot_verify(zonal_gateway, tmp_path):
+    """Without the CA that signed the gateway's certificate, TLS fails and nothing is sent."""
+    server, gw = zonal_gateway
+    stranger = ThrowawayCA(tmp_path / "other")
+    with open_zonal(server, gw, s3_ca_bundle=stranger.ca_file, kvstore_max_retries=0) as store:
+        with pytest.raises(kvstore.KVStoreError):
+            store.put("k", b"v")
+    assert (gw.sessions_created, gw.requests_served) == (0, 0)
+
+
+@pytest.mark.parametrize("target", ["example.com:443", "s3.us-east-1.amazonaws.com:443",
+                                    "kv.s3express-use1-az4.us-east-1.amazonaws.com:80"])
+def test_proxy_tunnels_only_to_zonal_hosts(zonal_gateway, target):
+    _, gw = zonal_gateway
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+    try:
+        conn.request("CONNECT", target)
+        assert conn.getresponse().status == 403
+    finally:
+        conn.close()
+
+
 def test_forged_token_and_unsigned_requests_are_rejected(gateway):
     _, gw = gateway
     forged = urllib.request.Request(f"{gw.endpoint}/{gw.bucket}/k", headers={
@@ -98,8 +185,6 @@ def test_forged_token_and_unsigned_requests_are_rejected(gateway):
 
 @pytest.mark.parametrize("backend", ["crt", "obstore"])
 def test_real_directory_bucket_round_trip(backend, unique_name):
-    """obstore builds the zonal host itself for NAME--AZID--x-s3 buckets (its CreateSession ignores
-    ``endpoint``), so its session auth is exercised only here, against a real directory bucket."""
     url = os.environ.get("KVSTORE_S3EXPRESS_URL")
     if not url:
         pytest.skip("set KVSTORE_S3EXPRESS_URL=s3://NAME--AZID--x-s3/prefix to test a real S3 Express bucket")

@@ -269,6 +269,7 @@ def _s3_filesystem(config):
             "retries": {"total_max_attempts": 1},  # the retry layer owns retries
             "request_checksum_calculation": "when_required",
             "response_checksum_validation": "when_required",
+            **({"proxies": {"http": config.proxy_url, "https": config.proxy_url}} if config.proxy_url else {}),
         },
         skip_instance_cache=True,
         use_listings_cache=False,

@@ -4,12 +4,17 @@ obstore retries, hashes every PUT body (SigV4 signed payload) and normalises pat
 retries are off (the retry layer owns them), the payload is sent unsigned (integrity is the
 CRC32C layer's job; hashing halves PUT speed), and names obstore would silently rewrite
 (empty, ``.`` or ``..`` segments, a leading or trailing ``/``) are refused up front.
+
+S3 Express: obstore ignores the ``Expiration`` CreateSession returns and keeps a session for five
+minutes of its own clock. When the endpoint says the session has already expired, the store is
+rebuilt (so the next request creates a new session) and the failure is reported as retryable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Iterator, Mapping
@@ -38,6 +43,7 @@ class ObstoreBackend(Backend):
     def __init__(self, config) -> None:
         super().__init__(config)
         self._store = _make_store(config)
+        self._store_lock = threading.Lock()
         self._bucket_seen = False
 
     # -- names and errors ---------------------------------------------------------------------
@@ -47,6 +53,11 @@ class ObstoreBackend(Backend):
         if isinstance(exc, (obx.AlreadyExistsError, obx.PreconditionError)):
             return PreconditionFailed(f"{what}: {message}")
         code = error_code(message)
+        if code == "ExpiredToken" and self.config.s3express:
+            # Requests racing on the same stale session may each rebuild: a few spare sessions, once.
+            with self._store_lock:
+                self._store = _make_store(self.config)
+            return StoreUnavailable(f"{what}: the S3 Express session expired early; the next attempt opens a new one")
         if code == "NoSuchBucket":
             self._bucket_seen = False
             return BucketNotFound(f"{what}: bucket {self.config.bucket!r} does not exist")
@@ -212,6 +223,8 @@ def _make_store(config) -> S3Store:
         "connect_timeout": timedelta(seconds=config.connect_timeout_s),
         "http1_only": not config.prefer_http2,
     }
+    if config.proxy_url:
+        options["proxy_url"] = config.proxy_url
     if config.ca_bundle:
         try:
             with open(config.ca_bundle, "rb") as f:

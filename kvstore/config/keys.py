@@ -80,6 +80,33 @@ def parse_str(value: Any) -> str:
     raise ValueError(f"expected a string, got {value!r}")
 
 
+def redact_url(url: str) -> str:
+    """``url`` with everything before its last ``@`` (the user and password) replaced by ``***``.
+
+    The last ``@`` rather than the authority's: a password with an unencoded ``/`` would
+    otherwise end the authority early and be shown as a path.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def parse_proxy_url(value: Any) -> str:
+    from urllib.parse import urlsplit
+
+    text = parse_str(value).strip()
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") \
+            or parts.query:
+        raise ValueError(f"expected http(s)://[user:password@]host[:port], got {redact_url(text)!r}")
+    return text
+
+
 def choice(*options: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = parse_str(value).strip().lower()
@@ -130,6 +157,7 @@ KEYS: tuple[Key, ...] = (
     Key("s3_endpoint_url", "endpoint", parse_str, "Full scheme://host[:port] to connect to (self-hosted S3).", "str", "kvstore"),
     Key("s3_addressing_style", "addressing", choice("virtual", "path"), "Virtual-hosted (bucket in the host) or path-style requests.", "str", "kvstore"),
     Key("s3_ca_bundle", "ca_bundle", parse_str, "PEM file of CA certificates to trust for TLS.", "str", "kvstore"),
+    Key("s3_proxy_url", "proxy_url", parse_proxy_url, "HTTP(S) proxy for every request: http://[user:password@]host:port (obstore and fsspec backends; awscrt's S3 client has no proxy support).", "str", "kvstore", secret=True),
     Key("s3_part_size", "part_size", parse_size, "Multipart and ranged-GET part size.", "size", "kvstore"),
     Key("aws_session_token", "credentials", parse_str, "Session token that goes with static keys.", "str", "kvstore", secret=True),
     Key("aws_profile", "credentials", parse_str, "Named profile of the shared AWS config files.", "str", "kvstore"),

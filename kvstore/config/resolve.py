@@ -103,6 +103,7 @@ class StoreConfig:
     max_retries: int = 4
     checksum: str = "none"
     ca_bundle: str | None = None
+    proxy_url: str | None = field(default=None, repr=False)  # may hold a password: shown redacted
     credentials: Credentials = field(default_factory=lambda: Credentials("none"))
     location: str = ""  # file root, memory name or fsspec URL
     save_chunk_meta: bool = False
@@ -140,16 +141,25 @@ class StoreConfig:
             if f.name == "sources":
                 continue
             value = getattr(self, f.name)
-            shown = value.describe() if isinstance(value, Credentials) else (", ".join(value) if isinstance(value, tuple) else str(value))
+            if isinstance(value, Credentials):
+                shown = value.describe()
+            elif isinstance(value, tuple):
+                shown = ", ".join(value)
+            elif f.name == "proxy_url" and value:
+                shown = K.redact_url(value)
+            else:
+                shown = str(value)
             out.append((f.name, shown, self.source_of(f.name)))
         return out
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, secrets redacted."""
         result: dict[str, Any] = {}
-        for name, _, source in self.rows():
+        for name, shown, source in self.rows():
             value = getattr(self, name)
-            if isinstance(value, Credentials):
+            if name == "proxy_url":
+                value = shown if value else None
+            elif isinstance(value, Credentials):
                 value = {"source": value.source, "access_key_id": _mask(value.access_key_id) if value.access_key_id else None,
                          "profile_name": value.profile_name}
             result[name] = {"value": list(value) if isinstance(value, tuple) else value, "source": source}
@@ -398,9 +408,13 @@ def _validate(values: dict[str, Any], profile) -> None:
     if values["capacity_bytes"] < 0:
         raise ConfigError("max_capacity_gb must not be negative", key="max_capacity_gb")
     if not profile.is_s3:
-        if values.get("s3express"):
-            raise ConfigError(f"s3_enable_s3express does not apply to the {profile.name} profile", key="s3_enable_s3express")
+        for name, key in (("s3express", "s3_enable_s3express"), ("proxy_url", "s3_proxy_url")):
+            if values.get(name):
+                raise ConfigError(f"{key} does not apply to the {profile.name} profile", key=key)
         return
+    if values.get("proxy_url") and backend == "crt":
+        raise ConfigError("s3_proxy_url: awscrt's S3 client cannot go through a proxy; set kvstore_backend to "
+                          "obstore or fsspec", key="s3_proxy_url")
     bucket = values.get("bucket", "")
     if not valid_bucket(bucket):
         raise ConfigError(f"invalid bucket name {bucket!r}: 3-63 characters, letters, digits, '.', '-'")

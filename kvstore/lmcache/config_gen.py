@@ -1,7 +1,8 @@
 """Ready-to-use LMCache configuration for a kvstore URL (what ``kvstore lmcache-config`` prints).
 
 Secrets are never written out: a configuration that needs static keys gets them from the
-environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) instead.
+environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) instead, and a proxy URL (which may carry
+a password) is left for the user to add.
 """
 
 from __future__ import annotations
@@ -61,5 +62,6 @@ def render(url: str, extra: Mapping[str, Any], mode: str = "non-mp") -> str:
 
     text = yaml.safe_dump(non_mp_config(url, extra), sort_keys=False)
     if withheld:
-        text = f"# {', '.join(withheld)} withheld: export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead\n" + text
+        text = (f"# withheld: {', '.join(withheld)}. Export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead of "
+                f"static keys; add s3_proxy_url by hand.\n") + text
     return text

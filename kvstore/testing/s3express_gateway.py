@@ -14,8 +14,16 @@ documents it, and forwards the data requests to a real S3 server (moto) behind i
   and forwarded path-style, bodies streamed both ways.
 
 ``sessions_created``, ``requests_served`` and ``rejected`` let tests assert "one session,
-reused, refreshed when it expires". Plain HTTP on loopback: AWS requires TLS on real zonal
-endpoints; pass ``tls_cert=(certfile, keyfile)`` to serve HTTPS.
+reused, refreshed when it expires".
+
+Two ways in. Clients that take an endpoint (the CRT) talk plain HTTP to ``endpoint``. Clients
+that insist on AWS's own zonal host (obstore derives ``BUCKET.s3express-AZ.REGION.amazonaws.com``
+itself and ignores any endpoint for CreateSession) use the gateway as their HTTPS proxy
+(``proxy_url``): given a ``ThrowawayCA``, it accepts ``CONNECT`` to the zonal hosts of its zone
+(``*.s3express-AZ.REGION.amazonaws.com:443``) and answers inside the tunnel with a certificate the
+CA signed (``ca_file``, for ``s3_ca_bundle``). Nothing leaves the machine: every other
+``CONNECT`` target is refused. As on AWS, CreateSession for a bucket that does not exist answers
+404 NoSuchBucket.
 
 Running the same tests against a real directory bucket: see the "S3 Express" section of
 docs/reliability.md (``KVSTORE_S3EXPRESS_URL=s3://NAME--AZID--x-s3/prefix`` with AWS credentials).
@@ -34,6 +42,9 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from kvstore.config.profiles import express_zone, s3express_host
+from kvstore.testing.tls import ThrowawayCA
 
 CHUNK = 1 << 20
 # Headers that describe one hop, never forwarded.
@@ -90,7 +101,7 @@ class S3ExpressGateway:
 
     def __init__(self, upstream: str, access_key: str, secret_key: str, *, bucket: str, region: str = "us-east-1",
                  upstream_access_key: str | None = None, upstream_secret_key: str | None = None,
-                 session_ttl_s: float = 300.0, tls_cert: tuple[str, str] | None = None) -> None:
+                 session_ttl_s: float = 300.0, ca: ThrowawayCA | None = None) -> None:
         parsed = urllib.parse.urlsplit(upstream)
         self.upstream_host, self.upstream_port = parsed.hostname or "127.0.0.1", parsed.port or 80
         self.access_key, self._secret_key = access_key, secret_key
@@ -103,12 +114,14 @@ class S3ExpressGateway:
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
-        self.scheme = "http"
-        if tls_cert:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(*tls_cert)
-            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
-            self.scheme = "https"
+        zone = express_zone(bucket)
+        self.zonal_domain = s3express_host(zone, region) if zone else None  # BUCKET.<this> is a zonal host
+        self.ca_file = ca.ca_file if ca else None
+        self._zonal_tls: ssl.SSLContext | None = None
+        if ca:
+            if not self.zonal_domain:
+                raise ValueError(f"a zonal host needs a directory bucket name (NAME--AZID--x-s3), got {bucket!r}")
+            self._zonal_tls = ca.server_context(f"*.{self.zonal_domain}")
         self.port = self._server.server_address[1]
         self._thread: threading.Thread | None = None
 
@@ -117,7 +130,13 @@ class S3ExpressGateway:
 
     @property
     def endpoint(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}"
+        """Plain-HTTP endpoint for clients that take one."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def proxy_url(self) -> str:
+        """HTTPS proxy for clients that go to the AWS zonal host (needs ``ca``)."""
+        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "S3ExpressGateway":
         self._thread = threading.Thread(target=self._server.serve_forever, name="s3express-gateway", daemon=True)
@@ -136,18 +155,24 @@ class S3ExpressGateway:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def bucket_exists(self, bucket: str) -> bool:
+        return self._upstream("HEAD", f"/{bucket}")[0] != 404
+
     def create_bucket(self) -> None:
         """Create the gateway's bucket upstream (SDKs such as boto3 would send CreateSession for a ``--x-s3`` name)."""
-        path = f"/{self.bucket}"
+        status, body = self._upstream("PUT", f"/{self.bucket}")
+        if status != 200:
+            raise RuntimeError(f"creating {self.bucket!r} upstream failed: HTTP {status} {body[:200]!r}")
+
+    def _upstream(self, method: str, path: str) -> tuple[int, bytes]:
+        """(status, body) of a bodiless request to the upstream server."""
         conn = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=30)
         try:
-            conn.request("PUT", path, headers=self.sign_upstream("PUT", path, "", hashlib.sha256(b"").hexdigest()))
+            conn.request(method, path, headers=self.sign_upstream(method, path, "", hashlib.sha256(b"").hexdigest()))
             response = conn.getresponse()
-            body = response.read()
+            return response.status, response.read()
         finally:
             conn.close()
-        if response.status != 200:
-            raise RuntimeError(f"creating {self.bucket!r} upstream failed: HTTP {response.status} {body[:200]!r}")
 
     def expire_sessions(self) -> None:
         """End every session now, as if their time had run out."""
@@ -233,6 +258,8 @@ def _handler_for(gateway: S3ExpressGateway) -> type[BaseHTTPRequestHandler]:
             host = self.headers.get("Host", "").rsplit(":", 1)[0]
             if host.endswith(".localhost"):
                 return host[: -len(".localhost")], path
+            if gateway.zonal_domain and host.endswith("." + gateway.zonal_domain):
+                return host[: -len(gateway.zonal_domain) - 1], path
             bucket, _, rest = path.lstrip("/").partition("/")
             if not bucket:
                 return gateway.bucket, "/"
@@ -257,6 +284,9 @@ def _handler_for(gateway: S3ExpressGateway) -> type[BaseHTTPRequestHandler]:
                 self._answer(403 if failure.code != "ExpiredToken" else 400, _error_xml(failure.code, str(failure)))
                 return
             if is_create_session:
+                if not gateway.bucket_exists(bucket):
+                    self._answer(404, _error_xml("NoSuchBucket", f"the bucket {bucket} does not exist"))
+                    return
                 session = gateway.create_session(bucket)
                 expiration = _dt.datetime.fromtimestamp(session.expires, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
                 self._answer(200, (
@@ -307,6 +337,25 @@ def _handler_for(gateway: S3ExpressGateway) -> type[BaseHTTPRequestHandler]:
                 conn.close()
             with gateway._lock:
                 gateway.requests_served += 1
+
+        def do_CONNECT(self) -> None:  # noqa: N802 - http.server's naming
+            host, _, port = self.path.rpartition(":")
+            if gateway._zonal_tls is None or port != "443" or not host.endswith(f".{gateway.zonal_domain}"):
+                self._answer(403, _error_xml("AccessDenied", f"this test proxy only tunnels to *.{gateway.zonal_domain}"))
+                return
+            self.send_response(200, "Connection established")
+            self.end_headers()
+            try:
+                tunnel = gateway._zonal_tls.wrap_socket(self.connection, server_side=True)
+            except (ssl.SSLError, OSError):
+                self.close_connection = True
+                return
+            # Serve the requests inside the tunnel on this thread, as if they had arrived directly.
+            try:
+                Handler(tunnel, self.client_address, self.server)
+            finally:
+                tunnel.close()
+            self.close_connection = True
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import kvstore
 from kvstore.config import Credentials
+from kvstore.config.profiles import express_zone
 from kvstore.config.resolve import Secret
 from kvstore.errors import (
     AuthError, BucketNotFound, BufferTooSmall, IntegrityError, InvalidKey, PreconditionFailed, StoreTimeout, StoreUnavailable,
@@ -431,6 +432,9 @@ def error_missing_bucket(factory: StoreFactory) -> None:
         _needs_s3(store, "a missing bucket")
         config = store.config
         other = f"kvstore-missing-{uuid.uuid4().hex[:12]}"
+        zone = express_zone(config.bucket)
+        if zone:  # a directory bucket name, in the same zone
+            other += f"--{zone}--x-s3"
         endpoint = config.endpoint
         if config.addressing == "virtual":  # the bucket is part of the host name
             endpoint = endpoint.replace(f"//{config.bucket}.", f"//{other}.", 1)
@@ -453,7 +457,7 @@ def error_unreachable(factory: StoreFactory) -> None:
         dead = f"http://127.0.0.1:{_closed_port()}"
         timeout = 2.0
         with _reopen(store, endpoint=dead, base_endpoint=dead, addressing="path", tls=False, s3express=False,
-                     timeout_s=timeout, connect_timeout_s=0.5) as bad:
+                     proxy_url=None, timeout_s=timeout, connect_timeout_s=0.5) as bad:
             started = time.monotonic()
             _expect((StoreTimeout, StoreUnavailable), lambda: bad.get("k"), f"get from {dead}")
             elapsed = time.monotonic() - started
