@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -34,9 +37,28 @@ def test_bench_against_the_null_endpoint_writes_every_contender(tmp_path, capsys
         assert r["ops_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
         if op != "exists":
             assert r["gib_per_s"] > 0 and r["cpu_s_per_gib"] > 0
+            # measured from the endpoint's process (too few bytes here for /proc's 10 ms ticks to show much)
+            assert r["server_cpu_s_per_gib"] is not None and r["server_cpu_s_per_gib"] >= 0
+    assert data["cores"] >= 1
     assert any(t["target"].startswith("kvstore-crt / awscrt") and t["value"] for t in data["targets"])
     printed = capsys.readouterr().out
     assert "kvstore-crt" in printed and "not a storage server" in printed
+
+
+def test_process_cpu_seconds_counts_a_busy_child_and_forgets_a_dead_one():
+    from kvstore.bench.runner import process_cpu_seconds
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.3\n"
+                                                    "while time.process_time() < end: pass\ninput()"],
+                             stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while process_cpu_seconds([child.pid]) < 0.25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 0.25 <= process_cpu_seconds([child.pid]) < 5
+    finally:
+        child.communicate(b"\n", timeout=10)
+    assert process_cpu_seconds([child.pid]) == 0.0
 
 
 def test_unknown_contender_is_a_usage_error(capsys):

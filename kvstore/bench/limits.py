@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -55,6 +56,11 @@ def memcpy(size: int = 256 << 20, repeats: int = 5) -> float:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t)
     return size / best
+
+
+def cores() -> int:
+    """CPUs this process may run on (client and a local server share them)."""
+    return len(os.sched_getaffinity(0))
 
 
 def measure(concurrency: int) -> dict[str, float]:

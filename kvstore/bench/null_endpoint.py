@@ -295,6 +295,10 @@ class NullEndpoint:
         self.port = int(line)
         self.endpoint = f"http://{self.host}:{self.port}"
 
+    @property
+    def pids(self) -> list[int]:
+        return [self._process.pid] if self._process.poll() is None else []
+
     def url(self, bucket: str, prefix: str = "") -> str:
         return f"s3://{bucket}/{prefix}".rstrip("/")
 

@@ -6,20 +6,34 @@ from typing import Any
 
 from kvstore.bench.runner import GIB, Result
 
-HEADERS = ("contender", "op", "GiB/s", "ops/s", "p50 ms", "p99 ms", "CPU s/GiB", "RSS +MiB", "x best raw")
+HEADERS = ("contender", "op", "GiB/s", "ops/s", "p50 ms", "p99 ms", "CPU s/GiB", "server CPU s/GiB", "host CPU busy",
+           "RSS +MiB", "x best raw")
 
 
-def rows(results: list[Result]) -> list[list[str]]:
+def host_cpu_busy(r: Result, cores: int) -> float | None:
+    """The share of the host's CPUs that client and server together used while ``r`` ran.
+
+    Near 1.0 the op was CPU-bound on this host: it cannot go faster here without costing less CPU.
+    """
+    if r.server_cpu_s_per_gib is None or r.op == "exists" or not cores:
+        return None
+    return r.gib_per_s * (r.cpu_s_per_gib + r.server_cpu_s_per_gib) / cores
+
+
+def rows(results: list[Result], cores: int) -> list[list[str]]:
     """One row per (contender, op) that ran; see ``notes`` for those that did not."""
     out = []
     for r in sorted(results, key=lambda r: (r.op, r.family != "kvstore", r.contender)):
         if r.status != "ok":
-            out.append([r.contender, r.op, "n/a", "", "", "", "", "", ""])
+            out.append([r.contender, r.op, "n/a"] + [""] * (len(HEADERS) - 3))
             continue
         moves = r.op != "exists"
+        busy = host_cpu_busy(r, cores)
         out.append([
             r.contender, r.op, f"{r.gib_per_s:.2f}" if moves else "-", f"{r.ops_per_s:.0f}", f"{r.p50_ms:.1f}",
-            f"{r.p99_ms:.1f}", f"{r.cpu_s_per_gib:.2f}" if moves else "-", f"{r.rss_growth_mib:.0f}",
+            f"{r.p99_ms:.1f}", f"{r.cpu_s_per_gib:.2f}" if moves else "-",
+            f"{r.server_cpu_s_per_gib:.2f}" if moves and r.server_cpu_s_per_gib is not None else "-",
+            f"{busy:.0%}" if busy is not None else "-", f"{r.rss_growth_mib:.0f}",
             f"{r.ratio_to_best_raw:.2f}" if r.ratio_to_best_raw is not None else "",
         ])
     return out

@@ -1,8 +1,9 @@
 """Runs every contender against one endpoint, interleaved: 1 warm-up round, then R rounds in rotated order.
 
 For each (contender, op) a round times ``count`` operations with ``concurrency`` in flight and
-records throughput, per-operation latencies, client CPU (``time.process_time``) and the
-process's peak RSS while the op ran. The result keeps the median round.
+records throughput, per-operation latencies, client CPU (``time.process_time``), the server's
+CPU (from /proc, when the server runs here) and the process's peak RSS while the op ran. The
+result keeps the median round.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from kvstore.bench.contenders import Contender
 
@@ -28,6 +29,7 @@ class Sample:
 
     seconds: float
     cpu_seconds: float
+    server_cpu_seconds: float | None  # None when the server is not a process on this host
     rss_growth: int  # peak resident set size during the op, above what it was when the op began
     latencies: list[float]
 
@@ -45,6 +47,7 @@ class Result:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     cpu_s_per_gib: float = 0.0
+    server_cpu_s_per_gib: float | None = None
     rss_growth_mib: float = 0.0
     ratio_to_best_raw: float | None = None
     samples: list[Sample] = field(default_factory=list, repr=False)
@@ -53,6 +56,19 @@ class Result:
         data = asdict(self)
         data.pop("samples")
         return data
+
+
+def process_cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds these processes (and the children they reaped) have used so far."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                after_name = f.read().rpartition(")")[2].split()
+        except OSError:  # the process is gone: it no longer adds anything
+            continue
+        ticks += sum(int(x) for x in after_name[11:15])  # utime, stime, cutime, cstime (stat fields 14-17)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _rss() -> int:
@@ -138,13 +154,18 @@ def _check(contender: Contender, op: str, i: int, got: Any, moves_bytes: bool) -
         raise RuntimeError(f"exists of object {i} returned {got!r} after it was put")
 
 
-def _measure(contender: Contender, op: str, count: int, concurrency: int, buffers: list[bytearray]) -> Sample:
+def _measure(contender: Contender, op: str, count: int, concurrency: int, buffers: list[bytearray],
+             server_pids: Callable[[], Sequence[int]] | None) -> Sample:
+    pids = list(server_pids()) if server_pids else []
+    server_cpu = process_cpu_seconds(pids)
     cpu = time.process_time()
     with _RssSampler() as rss:
         start = time.perf_counter()
         latencies = _drive(contender, op, count, concurrency, buffers)
         seconds = time.perf_counter() - start
-    return Sample(seconds, time.process_time() - cpu, rss.peak - rss.start, latencies)
+    cpu = time.process_time() - cpu
+    server_cpu = max(0.0, process_cpu_seconds(pids) - server_cpu) if pids else None
+    return Sample(seconds, cpu, server_cpu, rss.peak - rss.start, latencies)
 
 
 def _summarise(result: Result, size: int, count: int) -> None:
@@ -155,7 +176,10 @@ def _summarise(result: Result, size: int, count: int) -> None:
     result.ops_per_s = count / median.seconds
     moved = size * count / GIB
     result.gib_per_s = moved / median.seconds if result.op != "exists" else 0.0
-    result.cpu_s_per_gib = statistics.median(s.cpu_seconds for s in result.samples) / moved if result.op != "exists" else 0.0
+    if result.op != "exists":
+        result.cpu_s_per_gib = statistics.median(s.cpu_seconds for s in result.samples) / moved
+        if all(s.server_cpu_seconds is not None for s in result.samples):
+            result.server_cpu_s_per_gib = statistics.median(s.server_cpu_seconds for s in result.samples) / moved
     every = sorted(x for s in result.samples for x in s.latencies)
     result.p50_ms = 1000 * every[len(every) // 2]
     result.p99_ms = 1000 * every[min(len(every) - 1, int(len(every) * 0.99))]
@@ -174,8 +198,13 @@ def _ratios(results: list[Result], raw_clients: tuple[str, ...]) -> None:
 
 
 def run(contenders: list[Contender], ops: list[str], *, count: int, concurrency: int, rounds: int,
-        raw_clients: tuple[str, ...], log: Any = None) -> list[Result]:
-    """Open every contender, run the rounds, and summarise; contenders that fail are reported, not raised."""
+        raw_clients: tuple[str, ...], log: Any = None,
+        server_pids: Callable[[], Sequence[int]] | None = None) -> list[Result]:
+    """Open every contender, run the rounds, and summarise; contenders that fail are reported, not raised.
+
+    ``server_pids`` names the server's processes when they run on this host, so that their CPU
+    time is charged to the op that caused it.
+    """
     size = contenders[0].size if contenders else 0
     results = {(c.name, op): Result(c.name, c.family, op) for c in contenders for op in ops}
     live: list[Contender] = []
@@ -196,7 +225,7 @@ def run(contenders: list[Contender], ops: list[str], *, count: int, concurrency:
                     if result.status != "ok":
                         continue
                     try:
-                        sample = _measure(c, op, count, concurrency, buffers)
+                        sample = _measure(c, op, count, concurrency, buffers, server_pids)
                     except Exception as exc:
                         result.status = f"error: {_reason(exc)}"
                         continue

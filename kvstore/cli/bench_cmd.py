@@ -32,20 +32,20 @@ def register(sub) -> None:
 
 
 @contextlib.contextmanager
-def endpoint(server: str | None, url: str | None, extra: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], str]]:
-    """(url, extra_config, label) of the endpoint: a server started for the run, or the one given."""
+def endpoint(server: str | None, url: str | None, extra: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], str, Any]]:
+    """(url, extra_config, label, server PIDs or None) of the endpoint: a server started for the run, or the one given."""
     from kvstore.errors import ConfigError
 
     if server is None:
         if not url:
             raise ConfigError("give a store URL or --server")
-        yield url, extra, url
+        yield url, extra, url, None
         return
     if server == "null":
         from kvstore.bench.null_endpoint import NullEndpoint
 
         with NullEndpoint() as null:
-            yield null.url(BENCH_BUCKET, "bench"), null.extra_config() | extra, null.label
+            yield null.url(BENCH_BUCKET, "bench"), null.extra_config() | extra, null.label, lambda: null.pids
         return
     from kvstore.testing import servers
 
@@ -55,7 +55,7 @@ def endpoint(server: str | None, url: str | None, extra: dict[str, Any]) -> Iter
     with servers.start(server) as managed:
         s3 = managed.server
         s3.create_bucket(BENCH_BUCKET)
-        yield s3.url(BENCH_BUCKET, "bench"), s3.extra_config() | extra, f"{server} (own process)"
+        yield s3.url(BENCH_BUCKET, "bench"), s3.extra_config() | extra, f"{server} (own process)", lambda: managed.pids
 
 
 def bench(*, url: str | None, extra: dict[str, Any], server: str | None, size: int, count: int, concurrency: int,
@@ -70,15 +70,15 @@ def bench(*, url: str | None, extra: dict[str, Any], server: str | None, size: i
         raise ConfigError(f"unknown ops {sorted(unknown)}; choose from {', '.join(runner.OPS)}")
     if size <= 0 or count <= 0 or concurrency <= 0 or rounds <= 0:
         raise ConfigError("--size, --count, --concurrency and --rounds must be positive")
-    with endpoint(server, url, extra) as (store_url, store_extra, label):
+    with endpoint(server, url, extra) as (store_url, store_extra, label, server_pids):
         target = cts.Target.resolve(store_url, store_extra)
         machine = limits.measure(concurrency)
         chosen = cts.build(backends, baselines, target, size, concurrency)
         results = runner.run(chosen, ops, count=count, concurrency=concurrency, rounds=rounds,
-                             raw_clients=cts.RAW_CLIENTS, log=log)
+                             raw_clients=cts.RAW_CLIENTS, log=log, server_pids=server_pids)
     return {
         "endpoint_label": label, "server": server, "size": size, "count": count, "concurrency": concurrency,
-        "rounds": rounds, "limits": machine,
+        "rounds": rounds, "limits": machine, "cores": limits.cores(),
         "results": [r.as_dict() for r in results],
         "fraction_of_limits": {
             f"{r.contender} {r.op}": round(r.gib_per_s * runner.GIB / machine["tcp_concurrent"], 3)
@@ -114,7 +114,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print_table(("limit", "GiB/s"), report.limit_rows(data["limits"]))
     print()
     results = [Result(**{k: v for k, v in r.items()}) for r in data["results"]]
-    print_table(report.HEADERS, report.rows(results))
+    print_table(report.HEADERS, report.rows(results, data["cores"]))
     for line in report.notes(results):
         print(f"  {line}")
     print()
