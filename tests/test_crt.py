@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import kvstore
-from kvstore.backends.crt import CANCEL_GRACE_S, SHUTDOWN_WAIT_S, CrtBackend, _Sink
+from kvstore.backends.crt import CANCEL_GRACE_S, SHUTDOWN_WAIT_S, CrtBackend, _Sink, default_io_threads
 from kvstore.backends.crt_http import encode_path, encode_query
 from kvstore.config import resolve
 from kvstore.errors import (AuthError, BucketNotFound, BufferTooSmall, IntegrityError, PreconditionFailed, StoreTimeout,
@@ -144,6 +145,29 @@ def test_listing_over_a_thousand_keys(moto, bucket):
         assert all(info.size == 1 for info in s.scan("dir/"))
         assert s.delete_many(keys + ["dir/none"]) == [True] * 1010 + [False]  # two DeleteObjects batches
         assert list(s.list("dir/")) == []
+
+
+def test_io_threads_zero_starts_at_least_four_event_loops(moto, bucket, monkeypatch):
+    """The CRT's own default (half the processors) starves a small host; 0 means max(4, CPUs) here.
+
+    The real EventLoopGroup is built; the spy only records its size (loop threads name themselves
+    asynchronously, so counting them from /proc races).
+    """
+    from awscrt import io as crt_io
+
+    sizes = []
+
+    class Recording(crt_io.EventLoopGroup):
+        def __init__(self, num_threads=None, *args, **kwargs):
+            sizes.append(num_threads)
+            super().__init__(num_threads, *args, **kwargs)
+
+    monkeypatch.setattr(crt_io, "EventLoopGroup", Recording)
+    for asked in (0, 3):
+        with open_store(moto, bucket, s3_num_io_threads=asked) as store:
+            store.put("loops", b"x")
+    assert sizes == [default_io_threads(), 3]
+    assert default_io_threads() == max(4, len(os.sched_getaffinity(0)))
 
 
 # -- no full-size intermediate copy --------------------------------------------------------------

@@ -57,6 +57,28 @@ def test_round_trip(store, size):
     assert not buffer[size:].any()
 
 
+@pytest.mark.parametrize("target", ["numpy", "torch"])
+def test_get_into_64mib_without_a_full_size_copy(store, target):
+    """Peak RSS, not tracemalloc: obstore's buffers live in Rust and botocore's in C, out of tracemalloc's sight."""
+    from kvstore.bench.runner import PeakRss
+
+    data = np.random.default_rng(64).integers(0, 256, 64 * MiB, np.uint8)
+    store.put("big", data)
+    if target == "torch":
+        torch = pytest.importorskip("torch")
+        buffer = torch.ones(32 * MiB, dtype=torch.bfloat16)  # touched, so its pages are resident already
+        as_bytes = lambda: buffer.view(torch.uint8).numpy()  # noqa: E731
+    else:
+        buffer = np.ones(64 * MiB, np.uint8)
+        as_bytes = lambda: buffer  # noqa: E731
+    store.get_into("big", buffer)  # warms the client's pools and connections
+    as_bytes()[:] = 0
+    with PeakRss() as rss:
+        assert store.get_into("big", buffer) == 64 * MiB
+    assert np.array_equal(as_bytes(), data)
+    assert rss.growth < 32 * MiB, f"RSS grew {rss.growth / MiB:.0f} MiB reading 64 MiB"
+
+
 @pytest.mark.parametrize("key", ["ünï cödé/x", "with space", "100%/done", "a+b=c", "deep/er/path/key"])
 def test_awkward_keys(store, key):
     store.put(key, key.encode())

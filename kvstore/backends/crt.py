@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import io
+import os
 import threading
 import time
 from typing import Iterator, Mapping
@@ -177,6 +178,17 @@ class _Pending:
         self.sink.abandon()
 
 
+def default_io_threads() -> int:
+    """Event-loop threads when ``s3_num_io_threads`` is 0: at least 4, else one per usable CPU.
+
+    The CRT's own default is half the processors. Each loop thread waits for the GIL whenever it
+    hands a part to Python, and its sockets stall meanwhile, so fewer loops than that leave the CPU
+    idle: on 2 vCPUs, 8 MiB get_into at 16 in flight went from 0.85 GiB/s (CRT default, 73% of the
+    CPU busy) to 1.2-1.3 GiB/s with 4-8 loops (over 90% busy), and put from 0.71 to 1.08.
+    """
+    return max(4, len(os.sched_getaffinity(0)))
+
+
 class CrtBackend(Backend):
     capabilities = Capabilities(conditional_put=True)
 
@@ -203,7 +215,7 @@ class CrtBackend(Backend):
         return crt_auth.AwsCredentialsProvider.new_default_chain(bootstrap)
 
     def _make_client(self, config) -> crt_s3.S3Client:
-        event_loops = crt_io.EventLoopGroup(config.io_threads)
+        event_loops = crt_io.EventLoopGroup(config.io_threads or default_io_threads())
         bootstrap = crt_io.ClientBootstrap(event_loops, crt_io.DefaultHostResolver(event_loops))
         signing = crt_s3.create_default_s3_signing_config(
             region=config.region, credential_provider=self._credentials(config, bootstrap))

@@ -76,8 +76,11 @@ def _rss() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
-class _RssSampler:
-    """The highest resident set size seen while it runs (sampled every 5 ms), and where it started."""
+class PeakRss:
+    """The highest resident set size seen while it runs (sampled every 5 ms), and where it started.
+
+    Unlike tracemalloc it sees native allocations too (Rust, C, the CRT's buffer pool).
+    """
 
     def __init__(self) -> None:
         self.start = self.peak = _rss()
@@ -88,7 +91,11 @@ class _RssSampler:
         while not self._stop.wait(0.005):
             self.peak = max(self.peak, _rss())
 
-    def __enter__(self) -> "_RssSampler":
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+    def __enter__(self) -> "PeakRss":
         self._thread.start()
         return self
 
@@ -159,13 +166,13 @@ def _measure(contender: Contender, op: str, count: int, concurrency: int, buffer
     pids = list(server_pids()) if server_pids else []
     server_cpu = process_cpu_seconds(pids)
     cpu = time.process_time()
-    with _RssSampler() as rss:
+    with PeakRss() as rss:
         start = time.perf_counter()
         latencies = _drive(contender, op, count, concurrency, buffers)
         seconds = time.perf_counter() - start
     cpu = time.process_time() - cpu
     server_cpu = max(0.0, process_cpu_seconds(pids) - server_cpu) if pids else None
-    return Sample(seconds, cpu, server_cpu, rss.peak - rss.start, latencies)
+    return Sample(seconds, cpu, server_cpu, rss.growth, latencies)
 
 
 def _summarise(result: Result, size: int, count: int) -> None:

@@ -135,7 +135,7 @@ class Key:
 KEYS: tuple[Key, ...] = (
     # LMCache's S3 backend, current generation (s3_adapter.py, docs since Nov 2025).
     Key("s3_region", "region", parse_str, "Region to sign requests for. Taken from the host when the URL names one.", "str", "lmcache"),
-    Key("s3_num_io_threads", "io_threads", parse_int, "Event-loop threads of the CRT client (0: one per core).", "int", "lmcache"),
+    Key("s3_num_io_threads", "io_threads", parse_int, "Event-loop threads of the CRT client (0: one per CPU, at least 4; see docs/benchmarks.md).", "int", "lmcache"),
     Key("s3_prefer_http2", "prefer_http2", parse_bool, "Offer HTTP/2 through ALPN (TLS only).", "bool", "lmcache"),
     Key("s3_enable_s3express", "s3express", parse_bool, "Sign with S3 Express sessions (CreateSession).", "bool", "lmcache"),
     Key("disable_tls", "tls", parse_bool, "Plain HTTP instead of HTTPS (stored inverted as `tls`).", "bool", "lmcache"),
