@@ -151,6 +151,13 @@ def test_concurrent_batches(store):
     assert store.get_many(list(items)) == list(items.values())
 
 
+def test_unreadable_ca_bundle_is_a_config_error(moto, bucket, backend_name, tmp_path):
+    with pytest.raises(kvstore.ConfigError, match="CA bundle") as info:
+        open_store(moto, bucket, backend_name, s3_endpoint_url=f"https://127.0.0.1:{moto.port}",
+                   s3_ca_bundle=str(tmp_path / "missing.pem"))
+    assert info.value.key == "s3_ca_bundle"
+
+
 def test_wrong_keys_raise_auth_error(moto, bucket, backend_name):
     with open_store(moto, bucket, backend_name, aws_secret_access_key="not-the-secret") as s:
         with pytest.raises(AuthError) as caught:

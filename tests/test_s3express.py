@@ -169,6 +169,37 @@ def test_proxy_tunnels_only_to_zonal_hosts(zonal_gateway, target):
         conn.close()
 
 
+def test_crt_over_tls_on_the_s3express_profile(zonal_gateway, tmp_path):
+    """The CRT's TLS path for real: the s3express profile (HTTPS only, ALPN h2 offered), the CA from s3_ca_bundle."""
+    from kvstore.testing.servers import virtual_hosting_works
+
+    require("crt")
+    if not virtual_hosting_works():
+        pytest.skip("virtual-hosted names (bucket.localhost) do not resolve on this machine")
+    server, gw = zonal_gateway
+    config = {"kvstore_backend": "crt", "aws_access_key_id": server.access_key,
+              "aws_secret_access_key": server.secret_key, "s3_endpoint_url": gw.tls_endpoint,
+              "s3_ca_bundle": gw.ca_file, "kvstore_timeout_s": 5, "kvstore_breaker_threshold": 0,
+              "kvstore_max_retries": 0}
+    with kvstore.open(f"s3://{gw.bucket}/p", config) as store:
+        assert (store.config.profile, store.config.tls, store.config.prefer_http2) == ("s3express", True, True)
+        for i in range(5):
+            store.put(f"k{i}", bytes([i]) * 100_000)
+        assert store.get_many([f"k{i}" for i in range(5)]) == [bytes([i]) * 100_000 for i in range(5)]
+    assert (gw.sessions_created, gw.rejected) == (1, [])
+    served = gw.requests_served
+    # The CRT reports a failed TLS negotiation only after its own connection retries (about 27 s),
+    # so a store that does not trust the endpoint fails at its deadline.
+    stranger = ThrowawayCA(tmp_path / "other")
+    with kvstore.open(f"s3://{gw.bucket}/p", {**config, "s3_ca_bundle": stranger.ca_file,
+                                               "kvstore_timeout_s": 2}) as store:
+        with pytest.raises((kvstore.StoreTimeout, kvstore.StoreUnavailable)):
+            store.put("k", b"v")
+    assert (gw.sessions_created, gw.requests_served) == (1, served)
+    with pytest.raises(kvstore.ConfigError, match="CA bundle"):
+        kvstore.open(f"s3://{gw.bucket}/p", {**config, "s3_ca_bundle": str(tmp_path / "missing.pem")})
+
+
 def test_forged_token_and_unsigned_requests_are_rejected(gateway):
     _, gw = gateway
     forged = urllib.request.Request(f"{gw.endpoint}/{gw.bucket}/k", headers={

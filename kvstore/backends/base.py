@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Mapping
 
 from kvstore.config import StoreConfig
-from kvstore.errors import BufferTooSmall, IntegrityError
+from kvstore.errors import BufferTooSmall, ConfigError, IntegrityError
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,17 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Release clients, threads and sockets. Idempotent."""
+
+
+def ca_bundle_pem(config: StoreConfig) -> bytes | None:
+    """The PEM text of ``s3_ca_bundle`` (None when unset); a file that cannot be read is a ConfigError."""
+    if not config.ca_bundle:
+        return None
+    try:
+        with open(config.ca_bundle, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the CA bundle {config.ca_bundle!r}: {exc.strerror}", key="s3_ca_bundle") from None
 
 
 def as_byte_view(data: object) -> memoryview:

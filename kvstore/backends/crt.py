@@ -23,7 +23,7 @@ from awscrt import http as crt_http
 from awscrt import io as crt_io
 from awscrt import s3 as crt_s3
 
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult
+from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult, ca_bundle_pem
 from kvstore.backends.crt_http import (
     META_PREFIX, body_checksum_header, crt_error, delete_body, delete_failures, encode_path, encode_query, header,
     http_date, iter_batches, object_size, parse_list_page, user_metadata,
@@ -224,8 +224,9 @@ class CrtBackend(Backend):
         tls_options = None
         if config.tls:
             context = crt_io.TlsContextOptions()
-            if config.ca_bundle:
-                context.override_default_trust_store_from_path(ca_file=config.ca_bundle)
+            ca_pem = ca_bundle_pem(config)
+            if ca_pem:
+                context.override_default_trust_store(ca_pem)
             if config.prefer_http2:
                 context.alpn_list = ["h2", "http/1.1"]
             tls_options = crt_io.ClientTlsContext(context).new_connection_options()

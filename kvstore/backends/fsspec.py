@@ -14,7 +14,7 @@ from typing import Iterator, Mapping
 import fsspec
 from fsspec.asyn import sync
 
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult, read_exactly
+from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult, ca_bundle_pem, read_exactly
 from kvstore.backends.s3errors import from_status
 from kvstore.errors import (
     AuthError, BucketNotFound, BufferTooSmall, ConfigError, IntegrityError, KVStoreError,
@@ -261,7 +261,8 @@ def _s3_filesystem(config):
     fs = s3fs.S3FileSystem(
         endpoint_url=config.base_endpoint,
         use_ssl=config.tls,
-        client_kwargs={"region_name": config.region, **({"verify": config.ca_bundle} if config.ca_bundle else {})},
+        # botocore takes the path; reading it first turns a missing file into a ConfigError now.
+        client_kwargs={"region_name": config.region, **({"verify": config.ca_bundle} if ca_bundle_pem(config) else {})},
         config_kwargs={
             "s3": {"addressing_style": config.addressing},
             "connect_timeout": config.connect_timeout_s,

@@ -23,7 +23,7 @@ import obstore
 from obstore import exceptions as obx
 from obstore.store import S3Store
 
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult
+from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult, ca_bundle_pem
 from kvstore.backends.s3errors import error_code, from_status
 from kvstore.errors import (
     AuthError, BucketNotFound, BufferTooSmall, ConfigError, IntegrityError, KVStoreError,
@@ -225,12 +225,9 @@ def _make_store(config) -> S3Store:
     }
     if config.proxy_url:
         options["proxy_url"] = config.proxy_url
-    if config.ca_bundle:
-        try:
-            with open(config.ca_bundle, "rb") as f:
-                options["root_certificate"] = f.read()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the CA bundle {config.ca_bundle!r}: {exc.strerror}", key="s3_ca_bundle") from None
+    ca_pem = ca_bundle_pem(config)
+    if ca_pem:
+        options["root_certificate"] = ca_pem
     kwargs: dict = {}
     credentials = config.credentials
     if credentials.source in ("static", "env"):

@@ -16,8 +16,9 @@ documents it, and forwards the data requests to a real S3 server (moto) behind i
 ``sessions_created``, ``requests_served`` and ``rejected`` let tests assert "one session,
 reused, refreshed when it expires".
 
-Two ways in. Clients that take an endpoint (the CRT) talk plain HTTP to ``endpoint``. Clients
-that insist on AWS's own zonal host (obstore derives ``BUCKET.s3express-AZ.REGION.amazonaws.com``
+Three ways in. Clients that take an endpoint (the CRT) talk plain HTTP to ``endpoint``, or, given
+a ``ThrowawayCA``, HTTPS to ``tls_endpoint`` (``https://localhost:PORT``, virtual-hosted as
+``BUCKET.localhost``, with a certificate the CA signed). Clients that insist on AWS's own zonal host (obstore derives ``BUCKET.s3express-AZ.REGION.amazonaws.com``
 itself and ignores any endpoint for CreateSession) use the gateway as their HTTPS proxy
 (``proxy_url``): given a ``ThrowawayCA``, it accepts ``CONNECT`` to the zonal hosts of its zone
 (``*.s3express-AZ.REGION.amazonaws.com:443``) and answers inside the tunnel with a certificate the
@@ -123,7 +124,11 @@ class S3ExpressGateway:
                 raise ValueError(f"a zonal host needs a directory bucket name (NAME--AZID--x-s3), got {bucket!r}")
             self._zonal_tls = ca.server_context(f"*.{self.zonal_domain}")
         self.port = self._server.server_address[1]
-        self._thread: threading.Thread | None = None
+        self._tls_server: ThreadingHTTPServer | None = None
+        if ca:
+            self._tls_server = _TlsServer(("127.0.0.1", 0), _handler_for(self),
+                                          ca.server_context(f"{bucket}.localhost", "*.localhost", "localhost"))
+        self._threads: list[threading.Thread] = []
 
     def __repr__(self) -> str:
         return f"S3ExpressGateway(port={self.port}, bucket={self.bucket!r}, sessions={self.sessions_created})"
@@ -134,20 +139,33 @@ class S3ExpressGateway:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def tls_endpoint(self) -> str:
+        """HTTPS endpoint (needs ``ca``); ``BUCKET.localhost`` must resolve to loopback for virtual hosting."""
+        if self._tls_server is None:
+            raise RuntimeError("the gateway serves HTTPS only when given a ca")
+        return f"https://localhost:{self._tls_server.server_address[1]}"
+
+    @property
     def proxy_url(self) -> str:
         """HTTPS proxy for clients that go to the AWS zonal host (needs ``ca``)."""
         return f"http://127.0.0.1:{self.port}"
 
+    def _servers(self) -> list[ThreadingHTTPServer]:
+        return [self._server] + ([self._tls_server] if self._tls_server else [])
+
     def start(self) -> "S3ExpressGateway":
-        self._thread = threading.Thread(target=self._server.serve_forever, name="s3express-gateway", daemon=True)
-        self._thread.start()
+        for server in self._servers():
+            thread = threading.Thread(target=server.serve_forever, name="s3express-gateway", daemon=True)
+            thread.start()
+            self._threads.append(thread)
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread:
-            self._thread.join(5)
+        for server in self._servers():
+            server.shutdown()
+            server.server_close()
+        for thread in self._threads:
+            thread.join(5)
 
     def __enter__(self) -> "S3ExpressGateway":
         return self.start()
@@ -232,6 +250,32 @@ class S3ExpressGateway:
         headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
                                     f"SignedHeaders={';'.join(signed)}, Signature={sig}")
         return headers
+
+
+def _serve_tls(context: ssl.SSLContext, connection, client_address, server, handler: type) -> None:
+    """Handshake on ``connection`` (in the calling thread, with a time limit) and serve HTTP over it."""
+    connection.settimeout(10)
+    try:
+        tls = context.wrap_socket(connection, server_side=True)
+    except (ssl.SSLError, OSError):  # a client that rejects the certificate, or gives up
+        return
+    try:
+        handler(tls, client_address, server)
+    finally:
+        tls.close()
+
+
+class _TlsServer(ThreadingHTTPServer):
+    """HTTPS, with each handshake in the connection's own thread rather than in ``accept``."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler: type, context: ssl.SSLContext) -> None:
+        super().__init__(address, handler)
+        self.context = context
+
+    def finish_request(self, request, client_address) -> None:
+        _serve_tls(self.context, request, client_address, self, self.RequestHandlerClass)
 
 
 def _error_xml(code: str, message: str) -> bytes:
@@ -345,16 +389,8 @@ def _handler_for(gateway: S3ExpressGateway) -> type[BaseHTTPRequestHandler]:
                 return
             self.send_response(200, "Connection established")
             self.end_headers()
-            try:
-                tunnel = gateway._zonal_tls.wrap_socket(self.connection, server_side=True)
-            except (ssl.SSLError, OSError):
-                self.close_connection = True
-                return
             # Serve the requests inside the tunnel on this thread, as if they had arrived directly.
-            try:
-                Handler(tunnel, self.client_address, self.server)
-            finally:
-                tunnel.close()
+            _serve_tls(gateway._zonal_tls, self.connection, self.client_address, self.server, Handler)
             self.close_connection = True
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
