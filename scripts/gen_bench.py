@@ -6,7 +6,7 @@ objects and 16 in flight, then rewrites the part of docs/benchmarks.md between t
 ``--from-json`` renders saved ``kvstore bench --json`` files instead of running.
 
 ``--defaults`` instead sweeps the settings whose defaults matter for KV chunks (part size
-against object size, requests in flight) for kvstore's crt and obstore backends against the
+against object size, requests in flight, CRT event loops) for kvstore's crt and obstore backends against the
 null endpoint, and rewrites the ``<!-- defaults:start -->`` ... ``<!-- defaults:end -->`` part.
 """
 
@@ -55,12 +55,16 @@ def section(runs: list[dict]) -> str:
 
 def _sweep_run(size: int, concurrency: int, extra: dict, rounds: int,
                backends: list[str] = SWEEP_BACKENDS) -> dict[tuple[str, str], float]:
-    """GiB/s per (backend, op) for one setting, about 256 MiB moved per op per round."""
+    """GiB/s per (backend, op) for one setting, at least 256 MiB moved per op per round."""
     count = max(2 * concurrency if size <= 8 * MiB else concurrency, 256 * MiB // size)
     data = bench(url=None, extra=extra, server="null", size=size, count=count, concurrency=concurrency,
                  ops=SWEEP_OPS, backends=backends, baselines=[], rounds=rounds)
     return {(r["contender"].removeprefix("kvstore-"), r["op"]): r["gib_per_s"] for r in data["results"]
             if r["status"] == "ok"}
+
+
+def _figure(got: dict[tuple[str, str], float], cell: tuple[str, str]) -> str:
+    return f"{got[cell]:.2f}" if cell in got else "n/a"
 
 
 def defaults_section(rounds: int) -> str:
@@ -73,17 +77,17 @@ def defaults_section(rounds: int) -> str:
             print(f"  object {size // MiB} MiB, part {part // MiB} MiB", file=sys.stderr, flush=True)
             got = _sweep_run(size, 16, {"s3_part_size": part}, rounds)
             part_rows.append([f"{size // MiB} MiB", f"{part // MiB} MiB"]
-                             + [f"{got.get(tuple(c.split()), 0):.2f}" for c in columns])
+                             + [_figure(got, tuple(c.split())) for c in columns])
     flight_rows = []
     for inflight in (4, 8, 16, 32, 64):
         print(f"  {inflight} in flight", file=sys.stderr, flush=True)
         got = _sweep_run(8 * MiB, inflight, {}, rounds)
-        flight_rows.append([str(inflight)] + [f"{got.get(tuple(c.split()), 0):.2f}" for c in columns])
+        flight_rows.append([str(inflight)] + [_figure(got, tuple(c.split())) for c in columns])
     loop_rows = []
     for loops in (1, 2, 4, 8, 16):
         print(f"  {loops} CRT event loops", file=sys.stderr, flush=True)
         got = _sweep_run(8 * MiB, 16, {"s3_num_io_threads": loops}, rounds, ["crt"])
-        loop_rows.append([str(loops)] + [f"{got.get(('crt', op), 0):.2f}" for op in SWEEP_OPS])
+        loop_rows.append([str(loops)] + [_figure(got, ("crt", op)) for op in SWEEP_OPS])
     return "\n".join(head + [
         "**Part size** (`s3_part_size`), 16 requests in flight:", "",
         report.markdown_table(["object", "part size", *columns], part_rows), "",

@@ -223,7 +223,9 @@ def test_proxy_url_password_is_never_shown(backend, capsys):
     assert dict((name, shown) for name, shown, _ in c.rows())["proxy_url"] == "http://***@proxy.internal:3128"
     for text in (repr(c), str(c), str(c.as_dict()), str(c.rows())):
         assert "EXAMPLEKEY" not in text
-    for malformed in (f"http://user:{SECRET}@proxy.internal:3128", proxy + "/path"):  # an unencoded "/", a path
+    # an unencoded "/", a path, no scheme, a mangled scheme
+    for malformed in (f"http://user:{SECRET}@proxy.internal:3128", proxy + "/path",
+                      f"user:{SECRET}@proxy.internal:3128", f"http:/user:{SECRET}@proxy.internal:3128"):
         with pytest.raises(ConfigError) as info:
             r("s3://b12", {**extra, "s3_proxy_url": malformed})
         assert "EXAMPLEKEY" not in str(info.value) and "proxy.internal:3128" in str(info.value)
@@ -234,6 +236,19 @@ def test_proxy_url_password_is_never_shown(backend, capsys):
         out = capsys.readouterr()
         assert "EXAMPLEKEY" not in out.out + out.err
         assert "proxy.internal" in out.out or "withheld: s3_proxy_url" in out.out
+
+
+def test_lmcache_config_keeps_a_proxy_without_password_and_names_only_what_it_withholds(capsys):
+    from kvstore.cli.main import main
+
+    base = ["lmcache-config", "s3://b12", "--set", "s3_region=x", "--set", "kvstore_backend=obstore"]
+    assert main([*base, "--set", "s3_proxy_url=http://proxy.internal:3128"]) == 0
+    out = capsys.readouterr().out
+    assert "s3_proxy_url: http://proxy.internal:3128" in out and "withheld" not in out
+    assert main([*base, "--set", "aws_access_key_id=AKIAEXAMPLE", "--set", f"aws_secret_access_key={SECRET}"]) == 0
+    out = capsys.readouterr().out
+    assert "withheld: aws_access_key_id, aws_secret_access_key;" in out and "s3_proxy_url" not in out
+    assert SECRET not in out
 
 
 def test_key_table_is_consistent():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -167,7 +166,7 @@ def test_io_threads_zero_starts_at_least_four_event_loops(moto, bucket, monkeypa
         with open_store(moto, bucket, s3_num_io_threads=asked) as store:
             store.put("loops", b"x")
     assert sizes == [default_io_threads(), 3]
-    assert default_io_threads() == max(4, len(os.sched_getaffinity(0)))
+    assert 4 <= default_io_threads() <= 16
 
 
 # -- no full-size intermediate copy --------------------------------------------------------------

@@ -157,6 +157,18 @@ def test_obstore_rejects_a_zonal_host_it_cannot_verify(zonal_gateway, tmp_path):
     assert (gw.sessions_created, gw.requests_served) == (0, 0)
 
 
+def test_obstore_reports_expired_credentials_as_an_auth_error(zonal_gateway):
+    """ExpiredToken from CreateSession itself is not a stale session: no new session can cure it."""
+    server, gw = zonal_gateway
+    with open_zonal(server, gw) as store:
+        store.put("k", b"v")
+        gw.credentials_expired = True
+        gw.expire_sessions()
+        with pytest.raises(kvstore.AuthError):
+            store.get("k")
+        assert gw.sessions_created == 1
+
+
 @pytest.mark.parametrize("target", ["example.com:443", "s3.us-east-1.amazonaws.com:443",
                                     "kv.s3express-use1-az4.us-east-1.amazonaws.com:80"])
 def test_proxy_tunnels_only_to_zonal_hosts(zonal_gateway, target):

@@ -103,9 +103,12 @@ def ca_bundle_pem(config: StoreConfig) -> bytes | None:
         return None
     try:
         with open(config.ca_bundle, "rb") as f:
-            return f.read()
+            pem = f.read()
     except OSError as exc:
         raise ConfigError(f"cannot read the CA bundle {config.ca_bundle!r}: {exc.strerror}", key="s3_ca_bundle") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:  # else clients would quietly fall back to the system CAs
+        raise ConfigError(f"the CA bundle {config.ca_bundle!r} holds no PEM certificate", key="s3_ca_bundle")
+    return pem
 
 
 def as_byte_view(data: object) -> memoryview:

@@ -245,6 +245,7 @@ def _is_connection(exc: BaseException) -> bool:
 
 
 def _s3_filesystem(config):
+    ca_bundle_pem(config)  # botocore takes the path and reads it at the first request: fail now instead
     try:
         import s3fs
     except ImportError:
@@ -261,8 +262,7 @@ def _s3_filesystem(config):
     fs = s3fs.S3FileSystem(
         endpoint_url=config.base_endpoint,
         use_ssl=config.tls,
-        # botocore takes the path; reading it first turns a missing file into a ConfigError now.
-        client_kwargs={"region_name": config.region, **({"verify": config.ca_bundle} if ca_bundle_pem(config) else {})},
+        client_kwargs={"region_name": config.region, **({"verify": config.ca_bundle} if config.ca_bundle else {})},
         config_kwargs={
             "s3": {"addressing_style": config.addressing},
             "connect_timeout": config.connect_timeout_s,

@@ -47,16 +47,22 @@ class ObstoreBackend(Backend):
         self._bucket_seen = False
 
     # -- names and errors ---------------------------------------------------------------------
-    def _error(self, exc: Exception, what: str) -> KVStoreError:
-        """The kvstore error for an obstore exception (a 404 on an object is handled by the caller)."""
+    def _error(self, exc: Exception, what: str, used: S3Store | None = None) -> KVStoreError:
+        """The kvstore error for an obstore exception (a 404 on an object is handled by the caller).
+
+        ``used`` is the store the failed request went through, so that an expired session is
+        replaced once, not once per request that ran into it.
+        """
         message = str(exc).split("\n\nDebug source", 1)[0]
         if isinstance(exc, (obx.AlreadyExistsError, obx.PreconditionError)):
             return PreconditionFailed(f"{what}: {message}")
         code = error_code(message)
-        if code == "ExpiredToken" and self.config.s3express:
-            # Requests racing on the same stale session may each rebuild: a few spare sessions, once.
+        # An expired *session*; CreateSession itself answering ExpiredToken means expired long-term
+        # credentials, which a new session cannot cure (AuthError below).
+        if code == "ExpiredToken" and self.config.s3express and "CreateSession" not in message:
             with self._store_lock:
-                self._store = _make_store(self.config)
+                if used is None or self._store is used:
+                    self._store = _make_store(self.config)
             return StoreUnavailable(f"{what}: the S3 Express session expired early; the next attempt opens a new one")
         if code == "NoSuchBucket":
             self._bucket_seen = False
@@ -87,23 +93,25 @@ class ObstoreBackend(Backend):
 
     # -- operations ----------------------------------------------------------------------------
     def put(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
+        store = self._store
         try:
-            obstore.put(self._store, name, data, attributes=dict(metadata) or None,
+            obstore.put(store, name, data, attributes=dict(metadata) or None,
                         mode="create" if if_absent else "overwrite",
                         chunk_size=self.config.part_size, use_multipart=len(data) > self.config.part_size)
         except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, f"PUT {name!r}") from None
+            raise self._error(exc, f"PUT {name!r}", store) from None
         self._bucket_seen = True
 
     def _fetch(self, name: str, what: str, options: dict | None = None):
         """obstore's GetResult for ``name``, or None on a miss; failures as kvstore errors."""
+        store = self._store
         try:
-            result = obstore.get(self._store, name, options=options)
+            result = obstore.get(store, name, options=options)
         except FileNotFoundError as exc:
             self._miss(exc, f"{what} {name!r}")
             return None
         except Exception as exc:  # noqa: BLE001 - every obstore failure is translated
-            raise self._error(exc, f"{what} {name!r}") from None
+            raise self._error(exc, f"{what} {name!r}", store) from None
         self._bucket_seen = True
         return result
 
@@ -174,15 +182,17 @@ class ObstoreBackend(Backend):
         if len(names) == 1:
             return [self.head(names[0]) is not None]
 
+        store = self._store
+
         async def one(name: str, gate: asyncio.Semaphore) -> bool:
             async with gate:
                 try:
-                    await obstore.head_async(self._store, name)
+                    await obstore.head_async(store, name)
                 except FileNotFoundError as exc:
                     self._miss(exc, f"HEAD {name!r}")
                     return False
                 except Exception as exc:  # noqa: BLE001
-                    raise self._error(exc, f"HEAD {name!r}") from None
+                    raise self._error(exc, f"HEAD {name!r}", store) from None
                 return True
 
         async def every() -> list[bool]:

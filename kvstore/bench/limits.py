@@ -60,7 +60,7 @@ def memcpy(size: int = 256 << 20, repeats: int = 5) -> float:
 
 def cores() -> int:
     """CPUs this process may run on (client and a local server share them)."""
-    return len(os.sched_getaffinity(0))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def measure(concurrency: int) -> dict[str, float]:

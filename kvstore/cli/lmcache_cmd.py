@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from kvstore.cli.common import add_store_arguments, url_and_config
 
@@ -19,9 +20,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvstore.lmcache.config_gen import render
+    from kvstore.lmcache.config_gen import render, withheld_note
 
     url, extra = url_and_config(args)
     text = render(url, extra, args.mode)
     print(text.rstrip("\n"))
+    if args.mode == "mp" and withheld_note(extra):  # JSON has no comments: say it beside the spec
+        print(withheld_note(extra).lstrip("# ").rstrip("\n"), file=sys.stderr)
     return 0

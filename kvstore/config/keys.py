@@ -83,13 +83,14 @@ def parse_str(value: Any) -> str:
 def redact_url(url: str) -> str:
     """``url`` with everything before its last ``@`` (the user and password) replaced by ``***``.
 
-    The last ``@`` rather than the authority's: a password with an unencoded ``/`` would
-    otherwise end the authority early and be shown as a path.
+    The last ``@``, scheme or not: a password with an unencoded ``/`` would otherwise end the
+    authority early, and ``user:password@host`` without a scheme is a common slip.
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    head, at, tail = url.rpartition("@")
+    if not at:
         return url
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    scheme = head.split("://", 1)[0] + "://" if "://" in head else ""
+    return f"{scheme}***@{tail}"
 
 
 def parse_proxy_url(value: Any) -> str:
@@ -102,7 +103,7 @@ def parse_proxy_url(value: Any) -> str:
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") \
-            or parts.query:
+            or parts.query or parts.fragment:
         raise ValueError(f"expected http(s)://[user:password@]host[:port], got {redact_url(text)!r}")
     return text
 
@@ -135,7 +136,7 @@ class Key:
 KEYS: tuple[Key, ...] = (
     # LMCache's S3 backend, current generation (s3_adapter.py, docs since Nov 2025).
     Key("s3_region", "region", parse_str, "Region to sign requests for. Taken from the host when the URL names one.", "str", "lmcache"),
-    Key("s3_num_io_threads", "io_threads", parse_int, "Event-loop threads of the CRT client (0: one per CPU, at least 4; see docs/benchmarks.md).", "int", "lmcache"),
+    Key("s3_num_io_threads", "io_threads", parse_int, "Event-loop threads of the CRT client (0: one per CPU, between 4 and 16; see docs/benchmarks.md).", "int", "lmcache"),
     Key("s3_prefer_http2", "prefer_http2", parse_bool, "Offer HTTP/2 through ALPN (TLS only).", "bool", "lmcache"),
     Key("s3_enable_s3express", "s3express", parse_bool, "Sign with S3 Express sessions (CreateSession).", "bool", "lmcache"),
     Key("disable_tls", "tls", parse_bool, "Plain HTTP instead of HTTPS (stored inverted as `tls`).", "bool", "lmcache"),
@@ -157,7 +158,7 @@ KEYS: tuple[Key, ...] = (
     Key("s3_endpoint_url", "endpoint", parse_str, "Full scheme://host[:port] to connect to (self-hosted S3).", "str", "kvstore"),
     Key("s3_addressing_style", "addressing", choice("virtual", "path"), "Virtual-hosted (bucket in the host) or path-style requests.", "str", "kvstore"),
     Key("s3_ca_bundle", "ca_bundle", parse_str, "PEM file of CA certificates to trust for TLS.", "str", "kvstore"),
-    Key("s3_proxy_url", "proxy_url", parse_proxy_url, "HTTP(S) proxy for every request: http://[user:password@]host:port (obstore and fsspec backends; awscrt's S3 client has no proxy support).", "str", "kvstore", secret=True),
+    Key("s3_proxy_url", "proxy_url", parse_proxy_url, "HTTP(S) proxy for every request: http://[user:password@]host:port (obstore and fsspec backends; awscrt's S3 client has no proxy support).", "str", "kvstore"),
     Key("s3_part_size", "part_size", parse_size, "Multipart and ranged-GET part size.", "size", "kvstore"),
     Key("aws_session_token", "credentials", parse_str, "Session token that goes with static keys.", "str", "kvstore", secret=True),
     Key("aws_profile", "credentials", parse_str, "Named profile of the shared AWS config files.", "str", "kvstore"),
@@ -178,6 +179,14 @@ BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
 FOREIGN_PREFIXES = ("remote_storage_plugin.", "storage_plugin.", "l2_adapter.", "lmcache.")
 # Keys with these prefixes are storage settings: an unknown one is a mistake, never ignored.
 OWN_PREFIXES = ("s3_", "kvstore_", "aws_")
+
+
+def is_secret(name: str, value: Any) -> bool:
+    """Whether this extra_config entry must never be written out: a secret key, or a URL with a password."""
+    key = BY_NAME.get(name)
+    if key is not None and key.secret:
+        return True
+    return name == "s3_proxy_url" and isinstance(value, str) and "@" in value
 
 
 def suggest(name: str) -> str | None:

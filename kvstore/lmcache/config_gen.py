@@ -21,7 +21,7 @@ NON_MP_KEYS = {
 
 
 def _public(extra: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in extra.items() if not (k in K.BY_NAME and K.BY_NAME[k].secret)}
+    return {k: v for k, v in extra.items() if not K.is_secret(k, v)}
 
 
 def check(url: str, extra: Mapping[str, Any]) -> StoreConfig:
@@ -55,13 +55,21 @@ def l2_adapter_spec(url: str, extra: Mapping[str, Any]) -> dict[str, Any]:
 
 def render(url: str, extra: Mapping[str, Any], mode: str = "non-mp") -> str:
     """The text to paste: YAML for non-MP, one-line JSON for MP."""
-    withheld = sorted(k for k in extra if k in K.BY_NAME and K.BY_NAME[k].secret)
     if mode == "mp":
         return json.dumps(l2_adapter_spec(url, extra))
     import yaml
 
-    text = yaml.safe_dump(non_mp_config(url, extra), sort_keys=False)
-    if withheld:
-        text = (f"# withheld: {', '.join(withheld)}. Export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead of "
-                f"static keys; add s3_proxy_url by hand.\n") + text
-    return text
+    return withheld_note(extra) + yaml.safe_dump(non_mp_config(url, extra), sort_keys=False)
+
+
+def withheld_note(extra: Mapping[str, Any]) -> str:
+    """A comment line naming what was left out of the configuration and what to do instead ("" if nothing)."""
+    withheld = sorted(k for k, v in extra.items() if K.is_secret(k, v))
+    if not withheld:
+        return ""
+    advice = []
+    if any(k.startswith("aws_") for k in withheld):
+        advice.append("export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY instead of static keys")
+    if "s3_proxy_url" in withheld:
+        advice.append("add s3_proxy_url (it carries a password) by hand")
+    return f"# withheld: {', '.join(withheld)}; {'; '.join(advice)}\n"

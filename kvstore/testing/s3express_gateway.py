@@ -111,18 +111,17 @@ class S3ExpressGateway:
         self.sessions_created = 0
         self.requests_served = 0
         self.rejected: list[str] = []  # error codes of refused requests, in order
+        self.credentials_expired = False  # set to answer CreateSession with ExpiredToken (long-term keys ran out)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
         zone = express_zone(bucket)
         self.zonal_domain = s3express_host(zone, region) if zone else None  # BUCKET.<this> is a zonal host
+        if ca and not self.zonal_domain:
+            raise ValueError(f"a zonal host needs a directory bucket name (NAME--AZID--x-s3), got {bucket!r}")
         self.ca_file = ca.ca_file if ca else None
-        self._zonal_tls: ssl.SSLContext | None = None
-        if ca:
-            if not self.zonal_domain:
-                raise ValueError(f"a zonal host needs a directory bucket name (NAME--AZID--x-s3), got {bucket!r}")
-            self._zonal_tls = ca.server_context(f"*.{self.zonal_domain}")
+        self._zonal_tls = ca.server_context(f"*.{self.zonal_domain}") if ca else None
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._tls_server: ThreadingHTTPServer | None = None
         if ca:
@@ -227,6 +226,8 @@ class S3ExpressGateway:
                 raise AuthFailure("AccessDenied", "x-amz-s3session-token must be signed")
             expected_key, secret = session.access_key, session.secret_key
         else:
+            if self.credentials_expired:
+                raise AuthFailure("ExpiredToken", "the credentials that sign CreateSession have expired")
             expected_key, secret = self.access_key, self._secret_key
         if access_key != expected_key or scope.count("/") != 3 or scope.split("/")[2] not in ("s3", "s3express"):
             raise AuthFailure("InvalidAccessKeyId", "unknown access key or malformed credential scope")
@@ -259,6 +260,7 @@ def _serve_tls(context: ssl.SSLContext, connection, client_address, server, hand
         tls = context.wrap_socket(connection, server_side=True)
     except (ssl.SSLError, OSError):  # a client that rejects the certificate, or gives up
         return
+    tls.settimeout(None)  # the limit was for the handshake; kept-alive connections may idle
     try:
         handler(tls, client_address, server)
     finally:
