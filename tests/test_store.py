@@ -199,11 +199,36 @@ def test_file_store_write_is_atomic(tmp_path):
         assert not [p for p in tmp_path.rglob("*#tmp.*")]
 
 
+def test_file_store_concurrent_writers_leave_metadata_with_its_bytes(tmp_path):
+    """Writers racing on one key: whichever wins, the metadata read back is the winner's own."""
+    with kvstore.open(str(tmp_path), {"kvstore_max_inflight": "8"}) as s:
+        values = {f"w{i}": bytes([i]) * 200_000 for i in range(4)}
+        for _ in range(15):
+            writers = [threading.Thread(target=s.put, args=("k", data, {"writer": w})) for w, data in values.items()]
+            for t in writers:
+                t.start()
+            for t in writers:
+                t.join()
+            data, metadata = s.get("k"), s.stat("k").metadata
+            assert values[metadata["writer"]] == data
+
+
+@pytest.mark.parametrize("damage", [lambda raw: raw[:3], lambda raw: b"XXXX" + raw[4:], lambda raw: raw[:8] + b"{"])
+def test_file_store_damaged_header_is_an_integrity_error(tmp_path, damage):
+    with kvstore.open(str(tmp_path)) as s:
+        s.put("k", b"abcdef", {"a": "b"})
+        data_file = next(p for p in tmp_path.rglob("k#"))
+        data_file.write_bytes(damage(data_file.read_bytes()))
+        for read in (lambda: s.get("k"), lambda: s.stat("k"), lambda: s.get_into("k", bytearray(6))):
+            with pytest.raises(kvstore.IntegrityError):
+                read()
+
+
 def test_file_checksum_catches_bytes_changed_behind_the_store(tmp_path):
     with kvstore.open(str(tmp_path)) as s:
         s.put("k", b"abcdef")
         data_file = next(p for p in tmp_path.rglob("k#"))
-        data_file.write_bytes(b"abcdeX")
+        data_file.write_bytes(data_file.read_bytes()[:-1] + b"X")  # the object's last byte, header intact
         with pytest.raises(kvstore.IntegrityError):
             s.get("k")
         with pytest.raises(kvstore.IntegrityError):

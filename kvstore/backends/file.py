@@ -2,14 +2,13 @@
 
 Object names map to paths that can never leave the root: each ``/``-separated segment is
 percent-encoded (``.``/``..`` and empty segments included), so every file name the store makes
-is free of ``#``. That character then marks what is not a directory: ``NAME#`` holds an object's
-bytes, ``NAME#m`` its metadata, ``NAME#tmp.*`` a write in progress. An object ``a`` and an object
-``a/b`` can therefore coexist, as they can in S3. Writes go to a temporary file renamed into
-place, so readers see an old or a new object, never a torn one.
+is free of ``#``. That character then marks what is not a directory: ``NAME#`` holds an object,
+``NAME#tmp.*`` a write in progress. An object ``a`` and an object ``a/b`` can therefore coexist,
+as they can in S3.
 
-Data and metadata are two files, so they cannot be swapped in one rename. The metadata names
-the inode of the data file it describes; a reader that finds another inode raced a writer and
-reads again, instead of checking new bytes against old metadata.
+An object is one file: a header with its metadata, then its bytes. Writes go to a temporary file
+renamed into place, so readers and concurrent writers see one whole object, old or new, with its
+own metadata; two files (data, metadata) could not be swapped together in one rename.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import struct
 import tempfile
-import time
 from typing import Iterator, Mapping
 from urllib.parse import quote, unquote
 
@@ -27,6 +26,8 @@ from kvstore.errors import BucketNotFound, IntegrityError, PreconditionFailed
 
 _SAFE = "-_.@=+,~!$&'()*;:"
 _SEGMENT_MAX = 200  # bytes of one encoded path segment; longer ones continue in "#c" directories
+_HEADER = struct.Struct("<4sI")  # magic, then the length of the JSON metadata that follows
+_MAGIC = b"KVS1"
 
 
 def _encode_segment(segment: str) -> list[str]:
@@ -73,27 +74,25 @@ class FileBackend(Backend):
         self._check_root()
         path = self._path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = self._write_temp(path, lambda f: f.write(data))
+        record = json.dumps(dict(metadata)).encode()
+        tmp = self._write_temp(path, (_HEADER.pack(_MAGIC, len(record)), record, data))
         try:
-            inode = os.stat(tmp).st_ino
             if if_absent:
                 try:
-                    os.link(tmp, path + "#")  # atomic create-if-absent; metadata only once it is ours
+                    os.link(tmp, path + "#")  # atomic create-if-absent
                 except FileExistsError:
                     raise PreconditionFailed(f"{name!r} already exists") from None
-                self._write_meta(path, metadata, inode)
             else:
-                self._write_meta(path, metadata, inode)
                 os.replace(tmp, path + "#")
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def _write_temp(self, path: str, write) -> str:
+    def _write_temp(self, path: str, pieces) -> str:
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + "#tmp.", dir=os.path.dirname(path))
         try:
             with os.fdopen(fd, "wb") as f:
-                write(f)
+                f.writelines(pieces)
                 if self.config.fsync:
                     f.flush()
                     os.fsync(f.fileno())
@@ -102,54 +101,45 @@ class FileBackend(Backend):
             raise
         return tmp
 
-    def _write_meta(self, path: str, metadata: Mapping[str, str], inode: int) -> None:
-        record = json.dumps({"inode": inode, "metadata": dict(metadata)}).encode()
-        os.replace(self._write_temp(path, lambda f: f.write(record)), path + "#m")
-
-    def _read_meta(self, path: str, inode: int) -> dict[str, str] | None:
-        """The metadata of data file ``inode``; {} when there is none; None when it belongs to another."""
+    def _open(self, path: str, name: str):
+        """(file positioned at the object's bytes, their size, metadata), or None when absent."""
         try:
-            with open(path + "#m", "rb") as f:
-                record = json.loads(f.read())
-        except FileNotFoundError:
-            return {}
-        except ValueError:
-            raise IntegrityError(f"metadata of {path!r} is not valid JSON") from None
-        return record["metadata"] if record.get("inode") == inode else None
-
-    def _open_with_meta(self, name: str):
-        """(open data file, size, metadata) consistent with each other, or None when absent."""
-        path = self._path(name)
-        for _ in range(50):
+            f = open(path + "#", "rb", buffering=0)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            header = f.read(_HEADER.size)
+            magic, length = _HEADER.unpack(header) if len(header) == _HEADER.size else (None, 0)
+            record = f.read(length)
+            if magic != _MAGIC or len(record) != length:
+                raise IntegrityError(f"{name!r} is not a whole kvstore object: its header is damaged")
             try:
-                f = open(path + "#", "rb", buffering=0)
-            except (FileNotFoundError, NotADirectoryError):
-                self._check_root()
-                return None
-            st = os.fstat(f.fileno())
-            metadata = self._read_meta(path, st.st_ino)
-            if metadata is not None:
-                return f, st, metadata
+                metadata = json.loads(record)
+            except ValueError:
+                raise IntegrityError(f"metadata of {name!r} is not valid JSON") from None
+            return f, os.fstat(f.fileno()).st_size - _HEADER.size - length, metadata
+        except BaseException:
             f.close()
-            time.sleep(0.001)  # a writer is between its two renames
-        raise IntegrityError(f"metadata of {name!r} does not belong to its data")
+            raise
 
     def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
-        opened = self._open_with_meta(name)
+        opened = self._open(self._path(name), name)
         if opened is None:
+            self._check_root()
             return None
-        f, st, metadata = opened
+        f, size, metadata = opened
         with f:
-            read_exactly(f.readinto, name, st.st_size, buffer)
-        return ReadResult(st.st_size, metadata)
+            read_exactly(f.readinto, name, size, buffer)
+        return ReadResult(size, metadata)
 
     def head(self, name: str) -> ObjectInfo | None:
-        opened = self._open_with_meta(name)
+        opened = self._open(self._path(name), name)
         if opened is None:
+            self._check_root()
             return None
-        f, st, metadata = opened
-        f.close()
-        return ObjectInfo(name, st.st_size, metadata, st.st_mtime)
+        f, size, metadata = opened
+        with f:
+            return ObjectInfo(name, size, metadata, os.fstat(f.fileno()).st_mtime)
 
     def delete(self, name: str) -> bool:
         path = self._path(name)
@@ -157,10 +147,6 @@ class FileBackend(Backend):
             os.unlink(path + "#")
         except (FileNotFoundError, NotADirectoryError):
             return False
-        try:
-            os.unlink(path + "#m")
-        except FileNotFoundError:
-            pass
         self._prune(os.path.dirname(path))
         return True
 
@@ -213,8 +199,9 @@ class FileBackend(Backend):
         name = "/".join(segments)
         if not name.startswith(prefix):
             return
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
+        opened = self._open(entry.path[:-1], name)
+        if opened is None:  # deleted since the directory was read
             return
-        yield ObjectInfo(name, st.st_size, {}, st.st_mtime)
+        f, size, _ = opened
+        with f:
+            yield ObjectInfo(name, size, {}, os.fstat(f.fileno()).st_mtime)
