@@ -45,6 +45,20 @@ def test_bench_against_the_null_endpoint_writes_every_contender(tmp_path, capsys
     assert "kvstore-crt" in printed and "not a storage server" in printed
 
 
+def test_reads_alone_find_objects_written_for_them(tmp_path):
+    """Ops given in any order, put absent: the objects are written first, unmeasured, and then read."""
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "--server", "null", "--size", "256KiB", "--count", "3", "--concurrency", "2", "--rounds", "1",
+        "--ops", "exists,get_into", "--backends", "crt", "--baselines", "awscrt", "--quiet", "--json", str(out),
+    ])
+    assert code == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["contender"], r["op"]) for r in results] == [
+        ("kvstore-crt", "get_into"), ("kvstore-crt", "exists"), ("awscrt", "get_into"), ("awscrt", "exists")]
+    assert all(r["status"] == "ok" and r["ops_per_s"] > 0 for r in results), results
+
+
 def test_process_cpu_seconds_counts_a_busy_child_and_forgets_a_dead_one():
     from kvstore.bench.runner import process_cpu_seconds
 

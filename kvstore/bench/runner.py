@@ -213,6 +213,7 @@ def run(contenders: list[Contender], ops: list[str], *, count: int, concurrency:
     time is charged to the op that caused it.
     """
     size = contenders[0].size if contenders else 0
+    ops = [op for op in OPS if op in ops]  # reads and exists need the objects a put writes first
     results = {(c.name, op): Result(c.name, c.family, op) for c in contenders for op in ops}
     live: list[Contender] = []
     for c in contenders:
@@ -224,6 +225,8 @@ def run(contenders: list[Contender], ops: list[str], *, count: int, concurrency:
                 results[(c.name, op)].status = f"unavailable: {_reason(exc)}"
     buffers = [bytearray(size) for _ in range(concurrency)]
     try:
+        if "put" not in ops:
+            _seed(live, ops, results, count, concurrency, buffers)
         for round_no in range(rounds + 1):
             order = live[round_no % len(live):] + live[:round_no % len(live)] if live else []
             for c in order:
@@ -251,6 +254,17 @@ def run(contenders: list[Contender], ops: list[str], *, count: int, concurrency:
         _summarise(r, size, count)
     _ratios(out, raw_clients)
     return out
+
+
+def _seed(live: list[Contender], ops: list[str], results: dict, count: int, concurrency: int,
+          buffers: list[bytearray]) -> None:
+    """Write every contender's objects, unmeasured, for a run that reads without putting."""
+    for c in live:
+        try:
+            _drive(c, "put", count, concurrency, buffers)
+        except Exception as exc:
+            for op in ops:
+                results[(c.name, op)].status = f"error: could not write the objects to read: {_reason(exc)}"
 
 
 def _reason(exc: BaseException) -> str:
