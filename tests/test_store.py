@@ -213,7 +213,12 @@ def test_file_store_concurrent_writers_leave_metadata_with_its_bytes(tmp_path):
             assert values[metadata["writer"]] == data
 
 
-@pytest.mark.parametrize("damage", [lambda raw: raw[:3], lambda raw: b"XXXX" + raw[4:], lambda raw: raw[:8] + b"{"])
+@pytest.mark.parametrize("damage", [
+    lambda raw: raw[:3],  # shorter than a header
+    lambda raw: b"XXXX" + raw[4:],  # not our magic
+    lambda raw: raw[:4] + b"\xff\xff\xff\x7f" + raw[8:],  # metadata longer than the file
+    lambda raw: raw[:8] + b"x" + raw[9:],  # metadata that is not JSON
+])
 def test_file_store_damaged_header_is_an_integrity_error(tmp_path, damage):
     with kvstore.open(str(tmp_path)) as s:
         s.put("k", b"abcdef", {"a": "b"})
@@ -222,6 +227,8 @@ def test_file_store_damaged_header_is_an_integrity_error(tmp_path, damage):
         for read in (lambda: s.get("k"), lambda: s.stat("k"), lambda: s.get_into("k", bytearray(6))):
             with pytest.raises(kvstore.IntegrityError):
                 read()
+        assert list(s.list()) == ["k"]  # still there to be found, reported and removed
+        assert s.delete("k") and list(s.list()) == []
 
 
 def test_file_checksum_catches_bytes_changed_behind_the_store(tmp_path):

@@ -102,22 +102,23 @@ class FileBackend(Backend):
         return tmp
 
     def _open(self, path: str, name: str):
-        """(file positioned at the object's bytes, their size, metadata), or None when absent."""
+        """(file positioned at the object's bytes, their size, its stat, metadata), or None when absent."""
         try:
             f = open(path + "#", "rb", buffering=0)
         except (FileNotFoundError, NotADirectoryError):
+            self._check_root()
             return None
         try:
+            st = os.fstat(f.fileno())
             header = f.read(_HEADER.size)
             magic, length = _HEADER.unpack(header) if len(header) == _HEADER.size else (None, 0)
-            record = f.read(length)
-            if magic != _MAGIC or len(record) != length:
+            if magic != _MAGIC or _HEADER.size + length > st.st_size:
                 raise IntegrityError(f"{name!r} is not a whole kvstore object: its header is damaged")
             try:
-                metadata = json.loads(record)
+                metadata = json.loads(f.read(length))
             except ValueError:
                 raise IntegrityError(f"metadata of {name!r} is not valid JSON") from None
-            return f, os.fstat(f.fileno()).st_size - _HEADER.size - length, metadata
+            return f, st.st_size - _HEADER.size - length, st, metadata
         except BaseException:
             f.close()
             raise
@@ -125,9 +126,8 @@ class FileBackend(Backend):
     def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
         opened = self._open(self._path(name), name)
         if opened is None:
-            self._check_root()
             return None
-        f, size, metadata = opened
+        f, size, _, metadata = opened
         with f:
             read_exactly(f.readinto, name, size, buffer)
         return ReadResult(size, metadata)
@@ -135,11 +135,10 @@ class FileBackend(Backend):
     def head(self, name: str) -> ObjectInfo | None:
         opened = self._open(self._path(name), name)
         if opened is None:
-            self._check_root()
             return None
-        f, size, metadata = opened
-        with f:
-            return ObjectInfo(name, size, metadata, os.fstat(f.fileno()).st_mtime)
+        f, size, st, metadata = opened
+        f.close()
+        return ObjectInfo(name, size, metadata, st.st_mtime)
 
     def delete(self, name: str) -> bool:
         path = self._path(name)
@@ -199,9 +198,14 @@ class FileBackend(Backend):
         name = "/".join(segments)
         if not name.startswith(prefix):
             return
-        opened = self._open(entry.path[:-1], name)
+        try:
+            opened = self._open(entry.path[:-1], name)
+        except IntegrityError:  # still listed, so that verify can report it and gc remove it
+            st = entry.stat(follow_symlinks=False)
+            yield ObjectInfo(name, st.st_size, {}, st.st_mtime)
+            return
         if opened is None:  # deleted since the directory was read
             return
-        f, size, _ = opened
-        with f:
-            yield ObjectInfo(name, size, {}, os.fstat(f.fileno()).st_mtime)
+        f, size, st, _ = opened
+        f.close()
+        yield ObjectInfo(name, size, {}, st.st_mtime)
