@@ -35,6 +35,11 @@ _STANDARD_ATTRIBUTES = {"Content-Disposition", "Content-Encoding", "Content-Lang
                         "Cache-Control", "Storage-Class"}
 _STATUS = re.compile(r"status code: (\d{3})")
 _HEAD_CONCURRENCY = 16
+# get_into copies each streamed chunk while it is still in cache. Chunks of a whole part (8 MiB)
+# are joined in Rust and then copied again from memory: 8 MiB reads at 16 in flight went from
+# 1.6-2.0 to 2.2-2.4 GiB/s, and from 0.67-0.87 to about 0.6 CPU s/GiB, with 1 MiB (256 KiB and
+# 64 KiB did the same; 1 MiB keeps a 64 MiB object to 64 Python iterations).
+_STREAM_CHUNK = 1 << 20
 
 
 class ObstoreBackend(Backend):
@@ -124,7 +129,7 @@ class ObstoreBackend(Backend):
             raise BufferTooSmall(name, size, len(buffer))
         done = 0
         try:
-            for chunk in result.stream(min_chunk_size=self.config.part_size):
+            for chunk in result.stream(min_chunk_size=_STREAM_CHUNK):
                 end = done + len(chunk)
                 if end > size:
                     raise IntegrityError(f"{name!r} sent more than its advertised {size} bytes")
