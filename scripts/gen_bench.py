@@ -46,7 +46,8 @@ def section(runs: list[dict]) -> str:
         results = [Result(**r) for r in run["results"]]
         parts += ["", f"### {run['endpoint_label']}", "",
                   report.markdown_table(("limit", "GiB/s"), report.limit_rows(run["limits"])), "",
-                  report.markdown_table(report.HEADERS, report.rows(results, run.get("cores", 0)))]
+                  report.markdown_table(report.HEADERS, report.rows(results, run.get("cores", 0),
+                                                                     run["limits"].get("tcp_concurrent")))]
         parts += [f"- {line}" for line in report.notes(results)]
         checks = report.targets(results, run["limits"], run["server"] == "null")  # today's targets, even for old runs
         parts += ["", report.markdown_table(("target", "measured", "want", "verdict"), report.target_rows(checks))]

@@ -43,6 +43,11 @@ def test_bench_against_the_null_endpoint_writes_every_contender(tmp_path, capsys
     assert any(t["target"].startswith("kvstore-crt / awscrt") and t["value"] for t in data["targets"])
     printed = capsys.readouterr().out
     assert "kvstore-crt" in printed and "not a storage server" in printed
+    # each moving op as a share of this run's loopback TCP limit
+    r = by[("kvstore-crt", "get_into")]
+    share = f"{r['gib_per_s'] * (1 << 30) / data['limits']['tcp_concurrent']:.0%}"
+    row = next(line.split() for line in printed.splitlines() if line.split()[:2] == ["kvstore-crt", "get_into"])
+    assert row[3] == share and data["fraction_of_limits"]["kvstore-crt get_into"] > 0
 
 
 def test_reads_alone_find_objects_written_for_them(tmp_path):

@@ -36,9 +36,9 @@ class FlakyBackend(MemoryBackend):
         self._maybe_fail()
         return super().put(name, data, metadata, if_absent=if_absent)
 
-    def get_into(self, name, buffer):
+    def get_into(self, name, buffer, on_chunk=None):
         self._maybe_fail()
-        result = super().get_into(name, buffer)
+        result = super().get_into(name, buffer, on_chunk)
         if result is not None and self.flip_reads > 0:
             self.flip_reads -= 1
             buffer[result.size // 2] ^= 0x01

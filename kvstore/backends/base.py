@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Mapping
+from typing import Callable, ClassVar, Iterator, Mapping
 
 from kvstore.config import StoreConfig
 from kvstore.errors import BufferTooSmall, ConfigError, IntegrityError
+
+
+OnChunk = Callable[[int, memoryview], None]
+"""``on_chunk(offset, view)``: a piece of an object that has just landed in the caller's buffer."""
+
+PIECE = 1 << 20  # bytes a backend lands (and hands to on_chunk) at a time: small enough to stay in cache
 
 
 @dataclass(frozen=True)
@@ -57,11 +63,14 @@ class Backend(abc.ABC):
         """Store ``data`` (a flat byte view) under ``name``, atomically: readers see old or new, never a mix."""
 
     @abc.abstractmethod
-    def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
+    def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
         """Read the whole object into the start of ``buffer``; None on a miss.
 
         Raises ``BufferTooSmall`` before writing past the end when the object is larger, and
         ``IntegrityError`` when fewer bytes arrive than the object's advertised size.
+        ``on_chunk``, when given, sees each piece just after it lands, while it is still in cache
+        (the integrity layer checksums there rather than reading the whole buffer again). A
+        backend may skip it; the caller then cannot assume any piece was seen.
         """
 
     def get(self, name: str) -> tuple[bytes | bytearray | memoryview, ReadResult] | None:
@@ -145,13 +154,19 @@ def _torch_bytes(tensor):
 
 
 
-def read_exactly(readinto, name: str, size: int, buffer: memoryview) -> None:
-    """Fill ``buffer[:size]`` from a ``readinto``-style callable; a short source is an IntegrityError."""
+def read_exactly(readinto, name: str, size: int, buffer: memoryview, on_chunk: OnChunk | None = None) -> None:
+    """Fill ``buffer[:size]`` from a ``readinto``-style callable; a short source is an IntegrityError.
+
+    With ``on_chunk`` it reads ``PIECE`` bytes at a time and hands each piece on as it lands.
+    """
     if size > len(buffer):
         raise BufferTooSmall(name, size, len(buffer))
     done = 0
     while done < size:
-        n = readinto(buffer[done:size])
+        end = min(size, done + PIECE) if on_chunk else size
+        n = readinto(buffer[done:end])
         if not n:
             raise IntegrityError(f"{name!r}: {done} of {size} bytes arrived")
+        if on_chunk:
+            on_chunk(done, buffer[done:done + n])
         done += n

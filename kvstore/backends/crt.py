@@ -23,7 +23,7 @@ from awscrt import http as crt_http
 from awscrt import io as crt_io
 from awscrt import s3 as crt_s3
 
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult, ca_bundle_pem
+from kvstore.backends.base import PIECE, Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
 from kvstore.backends.crt_http import (
     META_PREFIX, body_checksum_header, crt_error, delete_body, delete_failures, encode_path, encode_query, header,
     http_date, iter_batches, object_size, parse_list_page, user_metadata,
@@ -80,9 +80,10 @@ class _Sink:
     fails) once the caller has given up, so a late part never lands in a buffer it owns again.
     """
 
-    def __init__(self, name: str, buffer: memoryview | None) -> None:
+    def __init__(self, name: str, buffer: memoryview | None, on_chunk: OnChunk | None = None) -> None:
         self.name = name
         self.buffer = buffer
+        self.on_chunk = on_chunk
         self._address = _address_of(buffer) if buffer is not None else 0
         self.size: int | None = None
         self.metadata: dict[str, str] = {}
@@ -118,11 +119,24 @@ class _Sink:
                 self._address = _address_of(self.buffer)
             if end > len(self.buffer):
                 raise BufferTooSmall(self.name, end, len(self.buffer))
-            if self._address:
+            if self.on_chunk:
+                self._land_in_pieces(chunk, offset)
+            elif self._address:
                 ctypes.memmove(self._address + offset, chunk, len(chunk))  # releases the GIL while copying
             else:
                 self.buffer[offset:end] = chunk
             self.received += len(chunk)
+
+    def _land_in_pieces(self, chunk: bytes, offset: int) -> None:
+        """Copy a part PIECE bytes at a time, handing each piece on while it is still in cache.
+
+        A non-empty part only gets here with a writable, non-empty buffer, which has an address.
+        """
+        source = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value  # the part's own bytes, no copy
+        for start in range(0, len(chunk), PIECE):
+            n = min(PIECE, len(chunk) - start)
+            ctypes.memmove(self._address + offset + start, source + start, n)
+            self.on_chunk(offset + start, self.buffer[offset + start:offset + start + n])
 
     def abandon(self) -> None:
         with self._lock:
@@ -312,8 +326,8 @@ class CrtBackend(Backend):
         self._call(f"put {name!r}", "PUT", self._path(name), headers=headers, body=body,
                    kind=crt_s3.S3RequestType.PUT_OBJECT, sink=sink)
 
-    def _read(self, name: str, buffer: memoryview | None) -> _Sink | None:
-        sink = _Sink(name, buffer)
+    def _read(self, name: str, buffer: memoryview | None, on_chunk: OnChunk | None = None) -> _Sink | None:
+        sink = _Sink(name, buffer, on_chunk)
         try:
             self._call(f"get {name!r}", "GET", self._path(name), kind=crt_s3.S3RequestType.GET_OBJECT, sink=sink)
         except StoreUnavailable as exc:
@@ -330,8 +344,8 @@ class CrtBackend(Backend):
             sink.size, sink.metadata = 0, dict(info.metadata)
         return sink
 
-    def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
-        sink = self._read(name, buffer)
+    def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
+        sink = self._read(name, buffer, on_chunk)
         return None if sink is None else sink.result()
 
     def get(self, name: str) -> tuple[memoryview, ReadResult] | None:

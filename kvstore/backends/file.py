@@ -21,7 +21,7 @@ import tempfile
 from typing import Iterator, Mapping
 from urllib.parse import quote, unquote
 
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult, read_exactly
+from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, read_exactly
 from kvstore.errors import BucketNotFound, IntegrityError, PreconditionFailed
 
 _SAFE = "-_.@=+,~!$&'()*;:"
@@ -123,13 +123,13 @@ class FileBackend(Backend):
             f.close()
             raise
 
-    def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
+    def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
         opened = self._open(self._path(name), name)
         if opened is None:
             return None
         f, size, _, metadata = opened
         with f:
-            read_exactly(f.readinto, name, size, buffer)
+            read_exactly(f.readinto, name, size, buffer, on_chunk)
         return ReadResult(size, metadata)
 
     def head(self, name: str) -> ObjectInfo | None:

@@ -14,7 +14,7 @@ from typing import Iterator, Mapping
 import fsspec
 from fsspec.asyn import sync
 
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult, ca_bundle_pem, read_exactly
+from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem, read_exactly
 from kvstore.backends.s3errors import from_status
 from kvstore.errors import (
     AuthError, BucketNotFound, BufferTooSmall, ConfigError, IntegrityError, KVStoreError,
@@ -110,12 +110,12 @@ class FsspecBackend(Backend):
             f.write(data)
             f.commit()
 
-    def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
+    def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
         path = self._path(name)
         try:
             if self._s3:
-                return sync(self.fs.loop, self._s3_read_into, name, path, buffer)
-            return self._read_file_into(name, path, buffer)
+                return sync(self.fs.loop, self._s3_read_into, name, path, buffer, on_chunk)
+            return self._read_file_into(name, path, buffer, on_chunk)
         except FileNotFoundError:
             self._check_root()
             return None
@@ -124,7 +124,7 @@ class FsspecBackend(Backend):
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, f"GET {name!r}") from None
 
-    async def _s3_read_into(self, name: str, path: str, buffer: memoryview) -> ReadResult:
+    async def _s3_read_into(self, name: str, path: str, buffer: memoryview, on_chunk: OnChunk | None) -> ReadResult:
         bucket, key, _ = self.fs.split_path(path)
         response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
         body = response["Body"]
@@ -138,15 +138,17 @@ class FsspecBackend(Backend):
                 if not chunk:
                     raise IntegrityError(f"{name!r}: {done} of {size} bytes arrived")
                 buffer[done:done + len(chunk)] = chunk
+                if on_chunk:
+                    on_chunk(done, buffer[done:done + len(chunk)])
                 done += len(chunk)
         finally:
             body.close()
         return ReadResult(size, dict(response.get("Metadata") or {}))
 
-    def _read_file_into(self, name: str, path: str, buffer: memoryview) -> ReadResult:
+    def _read_file_into(self, name: str, path: str, buffer: memoryview, on_chunk: OnChunk | None) -> ReadResult:
         with self.fs.open(path, "rb", cache_type="none") as f:
             size = f.size
-            read_exactly(f.readinto, name, size, buffer)
+            read_exactly(f.readinto, name, size, buffer, on_chunk)
         return ReadResult(size, {})
 
     def head(self, name: str) -> ObjectInfo | None:

@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Iterator, Mapping
 
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, ReadResult
+from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult
 from kvstore.errors import BufferTooSmall, PreconditionFailed
 
 # Stores of the same name share their objects, as two clients of one bucket would.
@@ -30,7 +30,7 @@ class MemoryBackend(Backend):
                 raise PreconditionFailed(f"{name!r} already exists")
             self._objects[name] = value
 
-    def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
+    def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
         with self._lock:
             entry = self._objects.get(name)
         if entry is None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from kvstore.bench.runner import GIB, Result
 
-HEADERS = ("contender", "op", "GiB/s", "ops/s", "p50 ms", "p99 ms", "CPU s/GiB", "server CPU s/GiB", "host CPU busy",
+HEADERS = ("contender", "op", "GiB/s", "of TCP", "ops/s", "p50 ms", "p99 ms", "CPU s/GiB", "server CPU s/GiB", "host CPU busy",
            "RSS +MiB", "x best raw")
 
 
@@ -20,8 +20,12 @@ def host_cpu_busy(r: Result, cores: int) -> float | None:
     return r.gib_per_s * (r.cpu_s_per_gib + r.server_cpu_s_per_gib) / cores
 
 
-def rows(results: list[Result], cores: int) -> list[list[str]]:
-    """One row per (contender, op) that ran; see ``notes`` for those that did not."""
+def rows(results: list[Result], cores: int, tcp: float | None = None) -> list[list[str]]:
+    """One row per (contender, op) that ran; see ``notes`` for those that did not.
+
+    "of TCP" is the throughput as a share of ``tcp``, the loopback TCP bytes/s measured with as
+    many streams in the same run: the most any client could move here.
+    """
     out = []
     for r in sorted(results, key=lambda r: (r.op, r.family != "kvstore", r.contender)):
         if r.status != "ok":
@@ -30,7 +34,8 @@ def rows(results: list[Result], cores: int) -> list[list[str]]:
         moves = r.op != "exists"
         busy = host_cpu_busy(r, cores)
         out.append([
-            r.contender, r.op, f"{r.gib_per_s:.2f}" if moves else "-", f"{r.ops_per_s:.0f}", f"{r.p50_ms:.1f}",
+            r.contender, r.op, f"{r.gib_per_s:.2f}" if moves else "-",
+            f"{r.gib_per_s * GIB / tcp:.0%}" if moves and tcp else "-", f"{r.ops_per_s:.0f}", f"{r.p50_ms:.1f}",
             f"{r.p99_ms:.1f}", f"{r.cpu_s_per_gib:.2f}" if moves else "-",
             f"{r.server_cpu_s_per_gib:.2f}" if moves and r.server_cpu_s_per_gib is not None else "-",
             f"{busy:.0%}" if busy is not None else "-", f"{r.rss_growth_mib:.0f}",

@@ -114,7 +114,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print_table(("limit", "GiB/s"), report.limit_rows(data["limits"]))
     print()
     results = [Result(**{k: v for k, v in r.items()}) for r in data["results"]]
-    print_table(report.HEADERS, report.rows(results, data["cores"]))
+    print_table(report.HEADERS, report.rows(results, data["cores"], data["limits"].get("tcp_concurrent")))
     for line in report.notes(results):
         print(f"  {line}")
     print()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Mapping, TypeVar
 
-from kvstore.backends.base import Backend, ObjectInfo, ReadResult
+from kvstore.backends.base import Backend, ObjectInfo, OnChunk, ReadResult
 
 T = TypeVar("T")
 
@@ -23,8 +23,8 @@ class Layer(Backend):
     def put(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
         return self.around("put", lambda: self.inner.put(name, data, metadata, if_absent=if_absent), len(data))
 
-    def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
-        return self.around("get_into", lambda: self.inner.get_into(name, buffer))
+    def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
+        return self.around("get_into", lambda: self.inner.get_into(name, buffer, on_chunk))
 
     def get(self, name: str):
         return self.around("get", lambda: self.inner.get(name))

@@ -9,19 +9,42 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from kvstore.backends.base import ReadResult
+from kvstore.backends.base import OnChunk, ReadResult
 from kvstore.errors import BackendUnavailable, IntegrityError
 from kvstore.layers.base import Layer
 
 CRC_KEY = "kvstore-crc32c"
 
 
-def crc32c(data) -> int:
+def crc32c(data, previous: int = 0) -> int:
+    """CRC32C of ``data``, continuing from ``previous`` (the CRC32C of the bytes before it)."""
     try:
         from awscrt import checksums
     except ImportError:
         raise BackendUnavailable("crc32c checksum", "awscrt", "crt") from None
-    return checksums.crc32c(data)
+    return checksums.crc32c(data, previous)
+
+
+class _RunningCrc:
+    """CRC32C of the pieces a backend hands on, while they are in cache; valid once they cover the object in order.
+
+    A piece out of order (a retried attempt starts again at 0) leaves a gap, and the whole buffer
+    is checked instead.
+    """
+
+    __slots__ = ("value", "covered", "then")
+
+    def __init__(self, then: OnChunk | None) -> None:
+        self.value = 0
+        self.covered = 0
+        self.then = then
+
+    def __call__(self, offset: int, piece: memoryview) -> None:
+        if offset == self.covered:
+            self.value = crc32c(piece, self.value)
+            self.covered += len(piece)
+        if self.then:
+            self.then(offset, piece)
 
 
 class IntegrityLayer(Layer):
@@ -30,10 +53,13 @@ class IntegrityLayer(Layer):
             metadata = {**metadata, CRC_KEY: f"{crc32c(data):08x}"}
         self.inner.put(name, data, metadata, if_absent=if_absent)
 
-    def get_into(self, name: str, buffer: memoryview) -> ReadResult | None:
-        result = self.inner.get_into(name, buffer)
+    def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
+        # Checksumming a whole 8 MiB buffer after the read goes back to memory for it: on a busy
+        # host that cost about a fifth of read throughput, against a few percent on the pieces.
+        running = _RunningCrc(on_chunk) if self.config.checksum == "crc32c" else None
+        result = self.inner.get_into(name, buffer, running or on_chunk)
         if result is not None:
-            self._check(name, buffer[: result.size], result)
+            self._check(name, buffer[: result.size], result, running)
         return result
 
     def get(self, name: str):
@@ -43,12 +69,13 @@ class IntegrityLayer(Layer):
         return found
 
     @staticmethod
-    def _check(name: str, data, result: ReadResult) -> None:
+    def _check(name: str, data, result: ReadResult, running: _RunningCrc | None = None) -> None:
         if len(data) != result.size:
             raise IntegrityError(f"{name!r}: read {len(data)} bytes of {result.size}")
         stored = result.metadata.get(CRC_KEY)
         if stored is None:
             return
-        actual = f"{crc32c(data):08x}"
+        seen = running is not None and running.covered == result.size
+        actual = f"{running.value if seen else crc32c(data):08x}"
         if actual != stored.lower():
             raise IntegrityError(f"{name!r}: CRC32C {actual} does not match the stored {stored}")
