@@ -18,7 +18,7 @@ import json
 import os
 import struct
 import tempfile
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 from urllib.parse import quote, unquote
 
 from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, read_exactly
@@ -88,7 +88,7 @@ class FileBackend(Backend):
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def _write_temp(self, path: str, pieces) -> str:
+    def _write_temp(self, path: str, pieces: Iterable[bytes | memoryview]) -> str:
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + "#tmp.", dir=os.path.dirname(path))
         try:
             with os.fdopen(fd, "wb") as f:
