@@ -30,7 +30,7 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 DEFAULTS_START, DEFAULTS_END = "<!-- defaults:start -->", "<!-- defaults:end -->"
 MiB = 1 << 20
 SWEEP_BACKENDS = ["crt", "obstore"]
-SWEEP_OPS = ["put", "get_into"]  # put first: the reads need the objects
+SWEEP_OPS = ["put", "get_into"]
 
 
 def section(runs: list[dict]) -> str:

@@ -194,6 +194,16 @@ def test_get_into_torch_without_full_copy(store, big_object):
     assert peak < 3 * store.config.part_size < BIG, f"peak {peak / MiB:.1f} MiB"
 
 
+def test_read_only_buffer_is_refused_even_when_pieces_are_watched():
+    """The piece-by-piece copy needs the buffer's address: a read-only one must fail the call, not crash."""
+    seen = []
+    sink = _Sink("k", memoryview(b"x" * 8), lambda at, piece: seen.append(at))
+    sink.on_headers(200, [("Content-Length", "2")])
+    with pytest.raises(TypeError):
+        sink.on_body(chunk=b"ab", offset=0)
+    assert seen == []
+
+
 def test_buffer_too_small_never_writes_past_its_end(store):
     store.put("nine", b"123456789")
     backing = bytearray(b"\xee" * 16)

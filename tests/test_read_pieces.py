@@ -48,7 +48,9 @@ def test_pieces_are_the_landed_bytes_in_order(store, data):
     assert offsets[0] == 0 and all(b == a + len(p) for (a, p), b in zip(pieces, offsets[1:])), offsets
     assert offsets[-1] + len(pieces[-1][1]) == SIZE
     assert all(data[at:at + len(p)] == p for at, p in pieces)
-    assert max(len(p) for _, p in pieces) <= 8 * PIECE  # pieces, not the object at once
+    largest = max(len(p) for _, p in pieces)
+    # 1 MiB pieces, not parts; obstore joins network chunks until it has at least that much
+    assert largest <= (2 * PIECE if store.kind == "obstore" else PIECE), largest
 
 
 def test_checksum_reads_each_byte_once(store, data, monkeypatch):

@@ -213,14 +213,22 @@ def test_file_store_concurrent_writers_leave_metadata_with_its_bytes(tmp_path):
             assert values[metadata["writer"]] == data
 
 
+def _metadata_length(raw: bytes) -> int:
+    return int.from_bytes(raw[4:8], "little")
+
+
 @pytest.mark.parametrize("damage", [
     lambda raw: raw[:3],  # shorter than a header
-    lambda raw: b"XXXX" + raw[4:],  # not our magic
+    lambda raw: b"XXXX" + raw[4:],  # not our magic (an older kvstore's data file, say)
     lambda raw: raw[:4] + b"\xff\xff\xff\x7f" + raw[8:],  # metadata longer than the file
-    lambda raw: raw[:8] + b"x" + raw[9:],  # metadata that is not JSON
-])
-def test_file_store_damaged_header_is_an_integrity_error(tmp_path, damage):
-    with kvstore.open(str(tmp_path)) as s:
+    lambda raw: raw[:-1],  # the object's bytes cut short
+    lambda raw: raw + b"!",  # more bytes than the header accounts for
+    lambda raw: raw[:16] + b"x" + raw[17:],  # metadata that is not JSON
+    lambda raw: raw[:16] + b"[" + b" " * (_metadata_length(raw) - 2) + b"]" + raw[16 + _metadata_length(raw):],  # JSON, no map
+], ids=["short", "magic", "long-metadata", "truncated", "extended", "not-json", "not-a-map"])
+@pytest.mark.parametrize("checksum", ["crc32c", "none"])
+def test_file_store_damaged_object_is_an_integrity_error(tmp_path, damage, checksum):
+    with kvstore.open(str(tmp_path), {"kvstore_checksum": checksum}) as s:
         s.put("k", b"abcdef", {"a": "b"})
         data_file = next(p for p in tmp_path.rglob("k#"))
         data_file.write_bytes(damage(data_file.read_bytes()))

@@ -119,7 +119,7 @@ class _Sink:
                 self._address = _address_of(self.buffer)
             if end > len(self.buffer):
                 raise BufferTooSmall(self.name, end, len(self.buffer))
-            if self.on_chunk:
+            if self.on_chunk and self._address:
                 self._land_in_pieces(chunk, offset)
             elif self._address:
                 ctypes.memmove(self._address + offset, chunk, len(chunk))  # releases the GIL while copying
@@ -128,10 +128,7 @@ class _Sink:
             self.received += len(chunk)
 
     def _land_in_pieces(self, chunk: bytes, offset: int) -> None:
-        """Copy a part PIECE bytes at a time, handing each piece on while it is still in cache.
-
-        A non-empty part only gets here with a writable, non-empty buffer, which has an address.
-        """
+        """Copy a part PIECE bytes at a time, handing each piece on while it is still in cache."""
         source = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value  # the part's own bytes, no copy
         for start in range(0, len(chunk), PIECE):
             n = min(PIECE, len(chunk) - start)

@@ -6,7 +6,8 @@ is free of ``#``. That character then marks what is not a directory: ``NAME#`` h
 ``NAME#tmp.*`` a write in progress. An object ``a`` and an object ``a/b`` can therefore coexist,
 as they can in S3.
 
-An object is one file: a header with its metadata, then its bytes. Writes go to a temporary file
+An object is one file: a header with its metadata, then its bytes. The header records both
+lengths, so a file cut short is an ``IntegrityError`` even without a checksum. Writes go to a temporary file
 renamed into place, so readers and concurrent writers see one whole object, old or new, with its
 own metadata; two files (data, metadata) could not be swapped together in one rename.
 """
@@ -26,7 +27,7 @@ from kvstore.errors import BucketNotFound, IntegrityError, PreconditionFailed
 
 _SAFE = "-_.@=+,~!$&'()*;:"
 _SEGMENT_MAX = 200  # bytes of one encoded path segment; longer ones continue in "#c" directories
-_HEADER = struct.Struct("<4sI")  # magic, then the length of the JSON metadata that follows
+_HEADER = struct.Struct("<4sIQ")  # magic, length of the JSON metadata that follows, length of the bytes after it
 _MAGIC = b"KVS1"
 
 
@@ -75,7 +76,7 @@ class FileBackend(Backend):
         path = self._path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         record = json.dumps(dict(metadata)).encode()
-        tmp = self._write_temp(path, (_HEADER.pack(_MAGIC, len(record)), record, data))
+        tmp = self._write_temp(path, (_HEADER.pack(_MAGIC, len(record), len(data)), record, data))
         try:
             if if_absent:
                 try:
@@ -101,8 +102,12 @@ class FileBackend(Backend):
             raise
         return tmp
 
-    def _open(self, path: str, name: str):
-        """(file positioned at the object's bytes, their size, its stat, metadata), or None when absent."""
+    def _open(self, path: str, name: str, *, metadata: bool = True):
+        """(file positioned at the object's bytes, their size, its stat, metadata), or None when absent.
+
+        With ``metadata=False`` the metadata is neither read nor parsed (None), and the file is
+        left positioned before it.
+        """
         try:
             f = open(path + "#", "rb", buffering=0)
         except (FileNotFoundError, NotADirectoryError):
@@ -111,17 +116,27 @@ class FileBackend(Backend):
         try:
             st = os.fstat(f.fileno())
             header = f.read(_HEADER.size)
-            magic, length = _HEADER.unpack(header) if len(header) == _HEADER.size else (None, 0)
-            if magic != _MAGIC or _HEADER.size + length > st.st_size:
-                raise IntegrityError(f"{name!r} is not a whole kvstore object: its header is damaged")
-            try:
-                metadata = json.loads(f.read(length))
-            except ValueError:
-                raise IntegrityError(f"metadata of {name!r} is not valid JSON") from None
-            return f, st.st_size - _HEADER.size - length, st, metadata
+            if len(header) < _HEADER.size or header[:4] != _MAGIC:
+                raise IntegrityError(f"{name!r} is not a kvstore object: damaged, or written by an older kvstore "
+                                     "that kept metadata in a file of its own (rewrite such a store)")
+            _, length, size = _HEADER.unpack(header)
+            if _HEADER.size + length + size != st.st_size:
+                raise IntegrityError(f"{name!r} is damaged: {st.st_size} bytes on disk, its header accounts for "
+                                     f"{_HEADER.size + length + size}")
+            return f, size, st, self._read_metadata(f, length, name) if metadata else None
         except BaseException:
             f.close()
             raise
+
+    @staticmethod
+    def _read_metadata(f, length: int, name: str) -> dict[str, str]:
+        try:
+            metadata = json.loads(f.read(length))
+        except ValueError:
+            raise IntegrityError(f"metadata of {name!r} is not valid JSON") from None
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise IntegrityError(f"metadata of {name!r} is not a map of strings")
+        return metadata
 
     def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
         opened = self._open(self._path(name), name)
@@ -199,9 +214,12 @@ class FileBackend(Backend):
         if not name.startswith(prefix):
             return
         try:
-            opened = self._open(entry.path[:-1], name)
-        except IntegrityError:  # still listed, so that verify can report it and gc remove it
-            st = entry.stat(follow_symlinks=False)
+            opened = self._open(entry.path[:-1], name, metadata=False)
+        except IntegrityError:  # listed at its size on disk, so that verify can report it and gc remove it
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                return
             yield ObjectInfo(name, st.st_size, {}, st.st_mtime)
             return
         if opened is None:  # deleted since the directory was read

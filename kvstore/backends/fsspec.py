@@ -14,7 +14,9 @@ from typing import Iterator, Mapping
 import fsspec
 from fsspec.asyn import sync
 
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem, read_exactly
+from kvstore.backends.base import (
+    PIECE, Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem, read_exactly,
+)
 from kvstore.backends.s3errors import from_status
 from kvstore.errors import (
     AuthError, BucketNotFound, BufferTooSmall, ConfigError, IntegrityError, KVStoreError,
@@ -134,7 +136,7 @@ class FsspecBackend(Backend):
                 raise BufferTooSmall(name, size, len(buffer))
             done = 0
             while done < size:
-                chunk = await body.read(min(_READ_CHUNK, size - done))
+                chunk = await body.read(min(PIECE if on_chunk else _READ_CHUNK, size - done))
                 if not chunk:
                     raise IntegrityError(f"{name!r}: {done} of {size} bytes arrived")
                 buffer[done:done + len(chunk)] = chunk

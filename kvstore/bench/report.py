@@ -20,11 +20,15 @@ def host_cpu_busy(r: Result, cores: int) -> float | None:
     return r.gib_per_s * (r.cpu_s_per_gib + r.server_cpu_s_per_gib) / cores
 
 
+def share_of_tcp(r: Result, tcp: float | None) -> float | None:
+    """``r``'s throughput as a share of ``tcp``, the loopback TCP bytes/s measured with as many streams in the same run."""
+    return r.gib_per_s * GIB / tcp if r.op != "exists" and tcp else None
+
+
 def rows(results: list[Result], cores: int, tcp: float | None = None) -> list[list[str]]:
     """One row per (contender, op) that ran; see ``notes`` for those that did not.
 
-    "of TCP" is the throughput as a share of ``tcp``, the loopback TCP bytes/s measured with as
-    many streams in the same run: the most any client could move here.
+    "of TCP" is ``share_of_tcp``: the most any client could move here is 100%.
     """
     out = []
     for r in sorted(results, key=lambda r: (r.op, r.family != "kvstore", r.contender)):
@@ -32,10 +36,10 @@ def rows(results: list[Result], cores: int, tcp: float | None = None) -> list[li
             out.append([r.contender, r.op, "n/a"] + [""] * (len(HEADERS) - 3))
             continue
         moves = r.op != "exists"
-        busy = host_cpu_busy(r, cores)
+        busy, share = host_cpu_busy(r, cores), share_of_tcp(r, tcp)
         out.append([
             r.contender, r.op, f"{r.gib_per_s:.2f}" if moves else "-",
-            f"{r.gib_per_s * GIB / tcp:.0%}" if moves and tcp else "-", f"{r.ops_per_s:.0f}", f"{r.p50_ms:.1f}",
+            f"{share:.0%}" if share is not None else "-", f"{r.ops_per_s:.0f}", f"{r.p50_ms:.1f}",
             f"{r.p99_ms:.1f}", f"{r.cpu_s_per_gib:.2f}" if moves else "-",
             f"{r.server_cpu_s_per_gib:.2f}" if moves and r.server_cpu_s_per_gib is not None else "-",
             f"{busy:.0%}" if busy is not None else "-", f"{r.rss_growth_mib:.0f}",

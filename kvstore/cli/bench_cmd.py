@@ -81,8 +81,8 @@ def bench(*, url: str | None, extra: dict[str, Any], server: str | None, size: i
         "rounds": rounds, "limits": machine, "cores": limits.cores(),
         "results": [r.as_dict() for r in results],
         "fraction_of_limits": {
-            f"{r.contender} {r.op}": round(r.gib_per_s * runner.GIB / machine["tcp_concurrent"], 3)
-            for r in results if r.status == "ok" and r.op in ("get", "get_into", "put")
+            f"{r.contender} {r.op}": round(report.share_of_tcp(r, machine["tcp_concurrent"]), 3)
+            for r in results if r.status == "ok" and r.op != "exists"
         },
         "targets": report.targets(results, machine, server == "null"),
     }
