@@ -7,9 +7,9 @@ is free of ``#``. That character then marks what is not a directory: ``NAME#`` h
 as they can in S3.
 
 An object is one file: a header with its metadata, then its bytes. The header records both
-lengths, so a file cut short is an ``IntegrityError`` even without a checksum. Writes go to a temporary file
-renamed into place, so readers and concurrent writers see one whole object, old or new, with its
-own metadata; two files (data, metadata) could not be swapped together in one rename.
+lengths, so a file cut short is an ``IntegrityError`` even without a checksum. Writes go to a
+temporary file renamed into place, so readers and concurrent writers see one whole object, old
+or new, with its own metadata; two files (data, metadata) could not be swapped in one rename.
 """
 
 from __future__ import annotations
