@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, TypeVar
 
+from kvstore.backends import call
 from kvstore.backends.base import Backend, ObjectInfo, as_byte_view, as_writable_view
 from kvstore.config import StoreConfig
 from kvstore.errors import InvalidKey, KVStoreError
@@ -23,6 +24,38 @@ MAX_METADATA_BYTES = 2048  # S3's limit on user metadata
 # Lowercase letters, digits and '-': S3 lowercases x-amz-meta-* names, Ceph RGW turns '_' into '-',
 # and many HTTP proxies drop headers with '_'.
 _META_KEY_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+# Metadata names the library writes itself (the CRC32C, ...): a caller's own would be taken for ours.
+RESERVED_META_PREFIX = "kvstore-"
+
+
+class _Limiter:
+    """At most ``limit`` calls at once; ``close`` wakes every waiter with a ``KVStoreError``.
+
+    A semaphore would leave callers queued behind ``max_inflight`` asleep after ``close()``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def acquire(self) -> None:
+        with self._cond:
+            while self._free <= 0 and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise KVStoreError("the store is closed")
+            self._free -= 1
+
+    def release(self) -> None:
+        with self._cond:
+            self._free += 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 class KVStore:
@@ -37,7 +70,9 @@ class KVStore:
         self._backend = backend
         self._prefix = config.prefix.strip("/") + "/" if config.prefix.strip("/") else ""
         self._pool = ThreadPoolExecutor(max_workers=config.max_inflight, thread_name_prefix="kvstore")
-        self._inflight = threading.BoundedSemaphore(config.max_inflight)
+        self._limiter = _Limiter(config.max_inflight)
+        # Leases of the reads in flight: close() revokes them, so nothing lands after it returns.
+        self._leases: set[call.BufferLease] = set()
         self._closed = False
         self._close_lock = threading.Lock()
 
@@ -79,6 +114,8 @@ class KVStore:
         for k, v in metadata.items():
             if not isinstance(k, str) or not k or not set(k) <= _META_KEY_CHARS:
                 raise InvalidKey(f"metadata keys are lowercase letters, digits and '-': {k!r}")
+            if k.startswith(RESERVED_META_PREFIX):
+                raise InvalidKey(f"metadata key {k!r}: names starting with {RESERVED_META_PREFIX!r} are kvstore's own")
             if not isinstance(v, str) or not v.isascii() or any(ord(c) < 32 for c in v):
                 raise InvalidKey(f"metadata values are printable ASCII strings: {k}={v!r}")
             out[k] = v
@@ -87,11 +124,23 @@ class KVStore:
         return out
 
     # -- core ----------------------------------------------------------------------------
-    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    def _run(self, fn: Callable[..., T], *args: Any, lease: call.BufferLease | None = None) -> T:
+        """Run one backend operation under the in-flight bound, with its deadline and buffer lease current."""
         if self._closed:
             raise KVStoreError("the store is closed")
-        with self._inflight:
-            return fn(*args)
+        self._limiter.acquire()
+        try:
+            if lease is not None:
+                with self._close_lock:
+                    if self._closed:
+                        raise KVStoreError("the store is closed")
+                    self._leases.add(lease)
+            with call.running(call.Call(self.config.timeout_s, lease)):
+                return fn(*args)
+        finally:
+            if lease is not None:
+                self._leases.discard(lease)
+            self._limiter.release()
 
     def put(self, key: str, data: Any, metadata: Mapping[str, str] | None = None, *, if_absent: bool = False) -> None:
         """Store ``data`` (any contiguous buffer) under ``key``; ``if_absent`` refuses to overwrite."""
@@ -107,10 +156,10 @@ class KVStore:
         data = result[0]
         return data if isinstance(data, bytes) else bytes(data)
 
-    def get_into(self, key: str, buffer: Any) -> int | None:
+    def get_into(self, key: str, buffer: Any, *, _lease: call.BufferLease | None = None) -> int | None:
         """Fill ``buffer`` (bytearray, memoryview, numpy array, CPU tensor) with the object; its size, or None."""
         name, view = self.name_of(key), as_writable_view(buffer)
-        result = self._run(self._backend.get_into, name, view)
+        result = self._run(self._backend.get_into, name, view, lease=_lease or call.BufferLease())
         return None if result is None else result.size
 
     def exists(self, key: str) -> bool:
@@ -174,7 +223,24 @@ class KVStore:
     async def _async(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
             raise KVStoreError("the store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args))
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args))
+        except RuntimeError as exc:  # the pool shut down between the check and the submit
+            raise KVStoreError("the store is closed") from exc
+        return await future
+
+    async def _aget_into(self, key: str, buffer: Any) -> int | None:
+        """``get_into`` on the pool; a cancel (or ``wait_for``'s timeout) revokes the buffer before it propagates.
+
+        The worker may still be mid-transfer, but once the lease is revoked it can no longer
+        touch ``buffer``: the caller (LMCache) may free or reuse it the moment we return.
+        """
+        lease = call.BufferLease()
+        try:
+            return await self._async(lambda: self.get_into(key, buffer, _lease=lease))
+        except asyncio.CancelledError:
+            lease.revoke("the call was cancelled")
+            raise
 
     async def aput(self, key: str, data: Any, metadata: Mapping[str, str] | None = None, *, if_absent: bool = False) -> None:
         await self._async(lambda: self.put(key, data, metadata, if_absent=if_absent))
@@ -183,7 +249,7 @@ class KVStore:
         return await self._async(self.get, key)
 
     async def aget_into(self, key: str, buffer: Any) -> int | None:
-        return await self._async(self.get_into, key, buffer)
+        return await self._aget_into(key, buffer)
 
     async def aexists(self, key: str) -> bool:
         return await self._async(self.exists, key)
@@ -212,7 +278,7 @@ class KVStore:
         keys, buffers = list(keys), list(buffers)
         if len(keys) != len(buffers):
             raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
-        return await self._agather(self.get_into, list(zip(keys, buffers)))
+        return list(await asyncio.gather(*(self._aget_into(k, b) for k, b in zip(keys, buffers))))
 
     async def aexists_many(self, keys: Iterable[str]) -> list[bool]:
         return await self._agather(self.exists, [(k,) for k in keys])
@@ -230,12 +296,22 @@ class KVStore:
         return layer.snapshot() if layer is not None else {}
 
     def close(self) -> None:
-        """Release the backend and the pool. Idempotent; does not wait for calls in flight."""
+        """Release the backend and the pool. Idempotent; does not wait for calls in flight.
+
+        Calls in flight and queued ones fail with ``KVStoreError``; once ``close`` returns, no
+        read writes a caller's buffer any more.
+        """
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
-        self._pool.shutdown(wait=False, cancel_futures=True)
+            leases = list(self._leases)
+        self._limiter.close()
+        for lease in leases:
+            lease.revoke("the store was closed")
+        # Queued pool work is not cancelled: it runs, finds the store closed and fails with a
+        # KVStoreError, which is what an awaiting caller should see rather than CancelledError.
+        self._pool.shutdown(wait=False)
         self._backend.close()
 
     def __enter__(self) -> "KVStore":

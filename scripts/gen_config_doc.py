@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kvstore.config.keys import FOREIGN_PREFIXES, KEYS, OWN_PREFIXES
+from kvstore.config.keys import FOREIGN_KEYS, FOREIGN_PREFIXES, KEYS, MAX_IO_THREADS, OWN_PREFIXES
 from kvstore.config.profiles import PROFILES, RULES
 from kvstore.config.resolve import DEFAULTS
 
@@ -38,6 +38,37 @@ def render() -> str:
         f"{', '.join(f'`{p}`' for p in FOREIGN_PREFIXES)} and other LMCache settings are ignored",
         "(`kvstore resolve` lists them as `ignored_keys`). Two keys that set one field to different",
         "values are an error naming both.",
+        "",
+        "`AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL` (the AWS SDKs' convention), set the endpoint",
+        "when neither the URL nor `s3_endpoint_url` names one; `kvstore resolve` shows which variable",
+        "it came from, and `AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true` turns both off, as in the SDKs.",
+        "",
+        "With the CLI, a URL on the command line and `remote_url` (or `kvstore_url`) in the `-c` file",
+        "must name the same store, or the command stops with an error naming both; give `-` as the URL",
+        "to take the file's. A file whose `extra_config` is not a mapping is an error.",
+        "",
+        "## URLs that are refused",
+        "",
+        "- A mangled scheme (`s3:/bucket`, `s3//bucket`, `s3:bucket`), `file:relative`, and a scheme that",
+        "  is neither kvstore's nor a known fsspec protocol: a `ConfigError` (exit 2). Resolving never",
+        "  touches the disk. A directory whose name looks like a scheme is written `./s3:/x`.",
+        "- `user:password@` in a store URL, in `s3_endpoint_url` or in `AWS_ENDPOINT_URL[_S3]`: refused",
+        "  (use `aws_access_key_id` / `aws_secret_access_key`). No error message quotes a password or a",
+        "  secret key's value; `s3_proxy_url` may carry a password and shows it as `***`.",
+        f"- `s3_num_io_threads` above {MAX_IO_THREADS} (more only costs OS threads).",
+        "",
+        "## Keys of other tools",
+        "",
+        "Store settings spelt as boto3, obstore, s3fs or MinIO spell them are errors that name the kvstore",
+        "key, never ignored (an ignored `endpoint` would send the data to AWS):",
+        "",
+        "| kvstore key | refused spellings |",
+        "|---|---|",
+        *(f"| `{target}` | {', '.join(f'`{n}`' for n in sorted(n for n, t in FOREIGN_KEYS.items() if t == target))} |"
+          for target in sorted(set(FOREIGN_KEYS.values()))),
+        "",
+        "An LMCache fork's `storage_backend: {connector: {bucket, prefix, region}}` block is refused with",
+        "the `remote_url` and `s3_region` to write instead.",
         "",
     ]
     for origin, title in ORIGINS.items():

@@ -65,9 +65,34 @@ QUIRKS = """\
 - **Ceph RGW** answers `CompleteMultipartUpload` with an empty ETag (HEAD has the right one) and
   ignores `If-None-Match` on Complete: a conditional put of a multipart-sized object is not
   enforced there. `size-part-plus-1` and `concurrent-one-key` exercise the multipart path.
+- **s3rver** (npm 3.7.1, Node.js; installed into `.test-servers/` by `make test`) is the matrix's
+  JavaScript implementation. Its XML carries the namespace URI `http://doc.s3.amazonaws.com/2006-03-01/`
+  (not AWS's), and it answers a ranged GET of the empty object with `206` and
+  `Content-Range: bytes 0-0/0` (plus `Content-Length: 1` and no body): both are quirks kvstore must
+  handle, so `list-*`, `size-empty` and every listing case stay on. Its continuation tokens are
+  DES-encrypted, which OpenSSL 3 keeps in its legacy provider: without `--openssl-legacy-provider`
+  (the harness sets it) every listing of more than one page is a 500. Its `DeleteObjects` deletes
+  the keys in parallel and can answer 500 after deleting them all (the removal of an emptied
+  "directory" races), which a retried `delete_many` must not report as "was not there".
+  `ListMultipartUploads` is not implemented. What it does not implement at all is below.
 - **Virtual-hosted addressing** on loopback needs `bucket.localhost` names to resolve; where they
   do not, the `-virtual` cells skip.
 """
+
+
+def render_limits() -> list[str]:
+    """The per-server limits (kvstore.testing.servers.known_limits): what skips, and why."""
+    from kvstore.testing.servers import SERVER_NAMES, known_limits
+
+    lines = ["## What a server does not implement", "",
+             "Declared as data per server (`known_limits`); the cases named skip on that server with the reason "
+             "beside them, and `tests/test_servers.py::test_declared_limits_are_real` fails once the server "
+             "learns the feature.", "",
+             "| server | does not implement | cases that skip |", "|---|---|---|"]
+    for name in SERVER_NAMES:
+        for limit in known_limits(name):
+            lines.append(f"| {name} | {limit.what} | " + ", ".join(f"`{c}`" for c in limit.cases) + " |")
+    return lines
 
 RECIPES = """\
 ## Recipes for real endpoints
@@ -139,6 +164,7 @@ def render(grid: dict[str, dict[str, dict[str, str]]]) -> str:
         for (outcome, detail), where in sorted(notes.items()):
             shown = ", ".join(where[:6]) + (f" and {len(where) - 6} more" if len(where) > 6 else "")
             lines.append(f"- {outcome}: {detail} ({shown})")
+    lines += ["", *render_limits()]
     return "\n".join(lines) + "\n\n" + QUIRKS + "\n" + RECIPES
 
 

@@ -16,13 +16,49 @@
 #    not listening for each server, so a connection to ::1 is refused immediately and clients
 #    (urllib3/boto3, obstore/reqwest, awscrt) go on to 127.0.0.1 at no measurable cost.
 #
+#  * s3rver (npm, Node.js): an independent S3 implementation for the conformance matrix, installed
+#    into the project-local .test-servers/ (git-ignored) with the machine's npm; Node.js and npm
+#    come from Debian (nodejs npm) when missing and this runs as root.
+#
 # moto and SeaweedFS (weed) come from pip; the Makefile installs those, not this script.
 # Not root, or not Debian/Ubuntu: print what was skipped and why, and exit 0 (the tests that need
 # the missing pieces skip themselves and say why).
 set -u
 
 PKGS=(ceph-mon ceph-osd radosgw libnss-myhostname)
+S3RVER_VERSION=3.7.1  # kvstore/testing/s3rver.py S3RVER_VERSION
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 say() { echo "install-test-servers: $*"; }
+
+install_s3rver() {
+    local dir="$ROOT/.test-servers" have
+    if ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then
+        if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+            say "installing nodejs npm (for s3rver)"
+            DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm \
+                >>/tmp/install-test-servers.apt.log 2>&1 \
+                || { apt-get update >>/tmp/install-test-servers.apt.log 2>&1 \
+                     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm \
+                        >>/tmp/install-test-servers.apt.log 2>&1; }
+        fi
+        if ! command -v npm >/dev/null 2>&1 || ! command -v node >/dev/null 2>&1; then
+            say "skipped: s3rver needs node and npm (apt-get install nodejs npm); the s3rver tests will skip"
+            return 0
+        fi
+    fi
+    have=$(node -p "require('$dir/node_modules/s3rver/package.json').version" 2>/dev/null || true)
+    if [ "$have" = "$S3RVER_VERSION" ]; then
+        say "ok: s3rver $have in .test-servers/"
+        return 0
+    fi
+    say "installing s3rver@$S3RVER_VERSION into .test-servers/ (npm)"
+    mkdir -p "$dir"
+    if ! npm install --prefix "$dir" --no-audit --no-fund --loglevel=error "s3rver@$S3RVER_VERSION" \
+            >/tmp/install-test-servers.npm.log 2>&1; then
+        say "warning: npm install s3rver@$S3RVER_VERSION failed (see /tmp/install-test-servers.npm.log); the s3rver tests will skip"
+        tail -n 5 /tmp/install-test-servers.npm.log | sed 's/^/    /'
+    fi
+}
 
 check_vhost() {
     if getent ahostsv4 kvstore-probe.localhost 2>/dev/null | grep -q '^127\.0\.0\.1'; then
@@ -42,6 +78,7 @@ missing_pkgs() {
 if [ "$(uname -s)" != Linux ] || [ ! -f /etc/debian_version ] || ! command -v apt-get >/dev/null 2>&1 \
         || ! command -v dpkg-query >/dev/null 2>&1; then
     say "skipped: not a Debian/Ubuntu system; install Ceph (ceph-mon ceph-osd radosgw) and make *.localhost resolve to loopback yourself to run the Ceph and virtual-hosted tests"
+    install_s3rver
     check_vhost
     exit 0
 fi
@@ -88,5 +125,6 @@ if dpkg-query -W -f='${Status}' libnss-myhostname 2>/dev/null | grep -q 'install
     fi
 fi
 
+install_s3rver
 check_vhost
 exit 0

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import kvstore
-from kvstore.backends.crt import CANCEL_GRACE_S, SHUTDOWN_WAIT_S, CrtBackend, _Sink, default_io_threads
+from kvstore.backends.crt import CANCEL_GRACE_S, SHUTDOWN_WAIT_S, CrtBackend, default_io_threads
+from kvstore.backends.crt_http import Sink as _Sink
 from kvstore.backends.crt_http import encode_path, encode_query
 from kvstore.config import resolve
 from kvstore.errors import (AuthError, BucketNotFound, BufferTooSmall, IntegrityError, PreconditionFailed, StoreTimeout,

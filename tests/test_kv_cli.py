@@ -48,7 +48,8 @@ def test_dump_ls_verify_gc(tmp_path, prompts, capsys):
     chunks = json.loads(out)
     assert code == 0 and len(chunks) == 5 and sorted(c["tokens"] for c in chunks) == [1, 4, 8, 8, 8]
     code, out = _run(capsys, "kv", "stat", "--url", url, "--json")
-    assert json.loads(out)[0]["chunks"] == 5 and json.loads(out)[0]["model"] == "org_m"
+    models = json.loads(out)["models"]
+    assert code == 0 and models[0]["chunks"] == 5 and models[0]["model"] == "org_m" and models[0]["damaged"] == 0
 
     code, out = _run(capsys, "kv", "verify", *common, "--json")
     assert code == 0 and json.loads(out)["ok"]
@@ -84,7 +85,7 @@ def test_dump_from_a_local_transformers_model(tmp_path, capsys):
 
 
 def test_bad_arguments_exit_with_usage(tmp_path, capsys):
-    assert main(["kv", "gc", "--url", str(tmp_path)]) == EXIT_USAGE
+    assert main(["kv", "gc", "--url", str(tmp_path), "--older-than", "lots"]) == EXIT_USAGE
     assert main(["kv", "gc", "--url", str(tmp_path), "--max-bytes", "lots"]) == EXIT_USAGE
     bad = tmp_path / "bad.safetensors"
     safetensors_torch.save_file({"x": torch.zeros(3)}, str(bad))
@@ -104,3 +105,81 @@ def test_demo_passes_from_a_clean_directory(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK: 3 prompts" in result.stdout and "NO" not in result.stdout
     assert os.path.isdir(tmp_path / ".kvstore-demo")
+
+
+def test_dump_takes_chunk_size_and_save_unfull_chunk_from_the_lmcache_file(tmp_path, capsys):
+    """Dumped with -c lmcache.yaml, a real LMCache engine built from the same file hits every full chunk."""
+    from lmcache.v1.cache_engine import LMCacheEngineBuilder
+    from lmcache.v1.config import LMCacheEngineConfig
+
+    from kvstore.kv import KVLayout
+    from kvstore.kv.keys import lmcache_metadata
+
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 1000, (150,), generator=g)  # two full chunks of 64 and a short one
+    path = tmp_path / "p.safetensors"
+    safetensors_torch.save_file({"tokens": tokens, "kv": torch.randn(2, 2, 150, 32, generator=g).half()}, str(path))
+    url = str(tmp_path / "store")
+    config = tmp_path / "lmcache.yaml"
+    config.write_text(f"""chunk_size: 64
+save_unfull_chunk: False
+local_cpu: True
+max_local_cpu_size: 0.05
+remote_storage_plugins: ["kvstore"]
+extra_config:
+  remote_storage_plugin.kvstore.module_path: kvstore.lmcache
+  remote_storage_plugin.kvstore.class_name: KVStoreConnectorAdapter
+  kvstore_url: {url}
+""")
+    code, out = _run(capsys, "dump", "--model", "org/m", "-c", str(config), "--input", str(path), "--json")
+    report = json.loads(out)
+    assert code == 0 and report["layout"]["chunk_size"] == 64 and report["prompts"][0]["written"] == 2
+    layout = KVLayout(2, 1, 32, "float16", chunk_size=64)
+    engine = LMCacheEngineBuilder.get_or_create("kv-cli-file", LMCacheEngineConfig.from_file(str(config)),
+                                                lmcache_metadata(layout, model="org/m"), None, None, None)
+    try:
+        engine.post_init()
+        assert engine.lookup(tokens=tokens) == 128
+    finally:
+        LMCacheEngineBuilder.destroy("kv-cli-file")
+    assert main(["kv", "verify", "-c", str(config), "--model", "org/m", "--input", str(path)]) == 0
+    capsys.readouterr()
+    code = main(["kv", "verify", "-c", str(config), "--model", "org/m", "--input", str(path), "--json",
+                 "--chunk-size", "32"])
+    assert code == EXIT_FAILED and "--chunk-size overrides chunk_size: 64" in capsys.readouterr().err
+
+
+def test_url_is_positional_and_options_mix_with_positionals(tmp_path, prompts, capsys):
+    url = str(tmp_path / "store")
+    assert main(["dump", url, "--model", "org/m", "--input", prompts, "--chunk-size", "8"]) == 0
+    capsys.readouterr()
+    code, out = _run(capsys, "kv", "ls", url, "--json", "-l", "org_m@1")
+    assert code == 0 and len(json.loads(out)) == 5
+    code, out = _run(capsys, "kv", "ls", "--json", "--url", url, "org_m@1@0@nothing")
+    assert code == 0 and json.loads(out) == []
+    assert _run(capsys, "kv", "verify", "--model", "org/m", url, "--input", prompts, "--chunk-size", "8")[0] == 0
+    assert _run(capsys, "kv", "stat", "--json", url)[0] == 0
+    assert _run(capsys, "kv", "gc", "--max-bytes", "0", url, "--json")[0] == 0
+    assert main(["kv", "ls", "--url", url, str(tmp_path / "other"), "x"]) == EXIT_USAGE
+
+
+def test_damaged_chunks_are_reported_per_chunk_and_the_rest_is_checked(tmp_path, prompts, capsys):
+    url = str(tmp_path / "store")
+    common = ("--model", "org/m", "--input", prompts, "--chunk-size", "8")
+    assert main(["dump", url, *common]) == 0
+    capsys.readouterr()
+    names = sorted(n for n in os.listdir(url) if n.endswith("#"))
+    with open(os.path.join(url, names[0]), "r+b") as f:  # cut short
+        f.truncate(os.path.getsize(os.path.join(url, names[0])) - 50)
+    with open(os.path.join(url, names[1]), "r+b") as f:  # one byte of the payload flipped
+        f.seek(-10, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-10, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    code, out = _run(capsys, "kv", "verify", url, *common, "--json")
+    counts = [p["counts"] for p in json.loads(out)["prompts"]]
+    assert code == EXIT_FAILED and sum(c.get("corrupt", 0) for c in counts) == 2 and sum(c.get("ok", 0) for c in counts) == 3
+    code, out = _run(capsys, "kv", "ls", url, "-l", "--json")
+    assert code == EXIT_FAILED and sorted(c["status"] for c in json.loads(out)) == ["corrupt"] + ["ok"] * 4
+    code, out = _run(capsys, "kv", "stat", url, "--json")
+    assert code == EXIT_FAILED and json.loads(out)["models"][0]["damaged"] == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import select
 
 import pytest
@@ -102,8 +104,41 @@ def test_adapter_params_accept_builtin_s3_keys():
     config = KVStoreL2AdapterConfig.from_dict({
         "s3_endpoint": "s3://my-bucket.s3.us-west-2.amazonaws.com", "s3_region": "us-west-2", "s3_num_io_threads": 8,
         "s3_prefer_http2": True, "s3_enable_s3express": False, "disable_tls": False, "max_capacity_gb": 2,
-        "eviction": {"eviction_policy": "LRU", "trigger_watermark": 0.8, "eviction_ratio": 0.2},
     })
     assert config.store_config.bucket == "my-bucket"
     assert config.store_config.capacity_bytes == 2 * 1024**3
-    assert config.eviction_config is not None
+
+
+@pytest.mark.parametrize("key, value", [("eviction", {"eviction_policy": "LRU"}), ("serde", {"type": "fp8"}),
+                                        ("persist_enabled", False), ("type", "s3")])
+def test_framework_key_inside_adapter_params_is_refused_with_where_it_belongs(tmp_path, key, value):
+    """LMCache reads these only beside adapter_params: inside it they would silently do nothing."""
+    from lmcache.v1.distributed.l2_adapters.config import add_l2_adapters_args, parse_args_to_l2_adapters_config
+
+    spec = {"type": "plugin", "module_path": "kvstore.lmcache.l2", "class_name": "KVStoreL2Adapter",
+            "config_class_name": "KVStoreL2AdapterConfig",
+            "adapter_params": {"kvstore_url": f"file://{tmp_path}", "max_capacity_gb": 1, key: value}}
+    parser = argparse.ArgumentParser()
+    add_l2_adapters_args(parser)
+    config = parse_args_to_l2_adapters_config(parser.parse_args(["--l2-adapter", json.dumps(spec)]))
+    assert config.adapters[0].eviction_config is None  # what LMCache itself saw: no eviction
+    with pytest.raises(ValueError, match=f"'{key}' inside adapter_params.*top level of the --l2-adapter spec"):
+        create_l2_adapter_from_registry(config.adapters[0])
+
+
+def test_eviction_at_the_top_level_reaches_lmcache_and_the_adapter_builds(tmp_path):
+    from lmcache.v1.distributed.l2_adapters.config import add_l2_adapters_args, parse_args_to_l2_adapters_config
+
+    spec = {"type": "plugin", "module_path": "kvstore.lmcache.l2", "class_name": "KVStoreL2Adapter",
+            "config_class_name": "KVStoreL2AdapterConfig",
+            "adapter_params": {"kvstore_url": f"file://{tmp_path}", "max_capacity_gb": 1},
+            "eviction": {"eviction_policy": "LRU", "trigger_watermark": 0.7, "eviction_ratio": 0.3}}
+    parser = argparse.ArgumentParser()
+    add_l2_adapters_args(parser)
+    config = parse_args_to_l2_adapters_config(parser.parse_args(["--l2-adapter", json.dumps(spec)]))
+    assert (config.adapters[0].eviction_config.eviction_policy, config.adapters[0].eviction_config.trigger_watermark) == ("LRU", 0.7)
+    adapter = create_l2_adapter_from_registry(config.adapters[0])
+    try:
+        assert adapter.supports_global_eviction  # max_capacity_gb reached it: the controller will evict
+    finally:
+        adapter.close()

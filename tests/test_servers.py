@@ -1,4 +1,5 @@
-"""The real loopback S3 servers of kvstore.testing.servers: start, use, reject bad keys, stop by PID.
+"""The real loopback S3 servers of kvstore.testing.servers: start, use, reject bad keys, stop by PID,
+and the limits a server declares are still real.
 
 One server of each kind is started per module (Ceph dominates: a few seconds); the tests for a
 server run in file order, the last one stops it and checks that nothing of it is left.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 
@@ -17,7 +19,7 @@ from kvstore.testing import servers
 
 boto3 = pytest.importorskip("boto3")
 from botocore.config import Config  # noqa: E402
-from botocore.exceptions import ClientError  # noqa: E402
+from botocore.exceptions import BotoCoreError, ClientError  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=servers.SERVER_NAMES)
@@ -44,12 +46,20 @@ def bucket(managed):
 def _client(srv: servers.S3Server, *, access_key=None, secret_key=None, style="path"):
     return boto3.session.Session().client(
         "s3",
-        endpoint_url=srv.endpoint if style == "path" else f"http://localhost:{srv.port}",
+        endpoint_url=srv.endpoint if style == "path" else srv.virtual_endpoint,
         region_name=srv.region,
         aws_access_key_id=access_key or srv.access_key,
         aws_secret_access_key=secret_key or srv.secret_key,
         config=Config(s3={"addressing_style": style}, retries={"max_attempts": 1}),
     )
+
+
+def _refused_keys(managed) -> dict[str, str]:
+    """Keys the server must refuse: a wrong secret, or an unknown access key id where the server
+    declares that it checks no signature."""
+    if any(limit.id == "sigv4" for limit in managed.limits):
+        return {"access_key": "AKIAKVSTORENOSUCHKEY"}
+    return {"secret_key": managed.server.secret_key + "x"}
 
 
 def _pid_gone(pid: int) -> bool:
@@ -111,6 +121,10 @@ def test_delete_bucket_empties_it(managed):
 def test_wrong_credentials_rejected(managed, bucket, wrong):
     srv = managed.server
     _client(srv).put_object(Bucket=bucket, Key="k", Body=b"v")
+    if wrong == "secret" and any(limit.id == "sigv4" for limit in managed.limits):
+        # The declared limit is still real: a wrong secret gets in (a fixed server fails here).
+        assert _client(srv, secret_key="wrong").get_object(Bucket=bucket, Key="k")["Body"].read() == b"v"
+        pytest.skip(f"{managed.name} declares that it checks no signature")
     if wrong == "secret":
         bad = _client(srv, secret_key=srv.secret_key + "x")
     else:
@@ -130,9 +144,10 @@ def test_virtual_hosted(managed, bucket):
     if not servers.virtual_hosting_works():
         assert srv.virtual_host_domain is None
         pytest.skip("*.localhost does not resolve to 127.0.0.1 here (scripts/install-test-servers.sh)")
-    assert srv.virtual_host_domain == "localhost"
-    assert srv.virtual_endpoint == f"http://localhost:{srv.port}"
-    addrs = {ai[4][0] for ai in socket.getaddrinfo(f"{bucket}.localhost", srv.port, type=socket.SOCK_STREAM)}
+    assert srv.virtual_host_domain is not None and srv.virtual_host_domain.endswith("localhost")
+    assert srv.virtual_endpoint == f"http://{srv.virtual_host_domain}:{srv.port}"
+    addrs = {ai[4][0] for ai in socket.getaddrinfo(f"{bucket}.{srv.virtual_host_domain}", srv.port,
+                                                   type=socket.SOCK_STREAM)}
     assert "127.0.0.1" in addrs
     if "::1" in addrs:
         # The server listens on 127.0.0.1 only; [::1]:PORT is held (bound, not listening), so a
@@ -144,7 +159,7 @@ def test_virtual_hosted(managed, bucket):
     assert v.get_object(Bucket=bucket, Key="via-virtual")["Body"].read() == b"vhost"
     assert _client(srv).get_object(Bucket=bucket, Key="via-virtual")["Body"].read() == b"vhost"
     assert srv.client("virtual").head_object(Bucket=bucket, Key="via-virtual")["ContentLength"] == 5
-    bad = _client(srv, secret_key="wrong", style="virtual")
+    bad = _client(srv, style="virtual", **_refused_keys(managed))
     with pytest.raises(ClientError) as e:
         bad.get_object(Bucket=bucket, Key="via-virtual")
     assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
@@ -172,8 +187,54 @@ def test_kill_and_restart(managed, bucket):
     c.put_object(Bucket=bucket, Key="after", Body=b"ok")
     assert c.get_object(Bucket=bucket, Key="after")["Body"].read() == b"ok"
     with pytest.raises(ClientError) as e:
-        _client(srv, secret_key="wrong").list_buckets()
+        _client(srv, **_refused_keys(managed)).list_buckets()
     assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def test_declared_limits_are_real(managed, bucket):
+    """Each limit a server declares (its conformance cases skip for it) still holds: a server that
+    learns the feature fails here, so its skips get removed rather than hide a pass."""
+    c = _client(managed.server)
+    seen = set()
+    for limit in managed.limits:
+        seen.add(limit.id)
+        if limit.id == "sigv4":
+            c.put_object(Bucket=bucket, Key="sig", Body=b"v")
+            assert _client(managed.server, secret_key="wrong").get_object(Bucket=bucket, Key="sig")["Body"].read() == b"v"
+        elif limit.id == "conditional-put":
+            c.put_object(Bucket=bucket, Key="cond", Body=b"first")
+            c.put_object(Bucket=bucket, Key="cond", Body=b"second", IfNoneMatch="*")
+            assert c.get_object(Bucket=bucket, Key="cond")["Body"].read() == b"second"
+        elif limit.id == "delete-objects-whitespace":
+            c.put_object(Bucket=bucket, Key="sp ", Body=b"v")
+            answer = c.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "sp "}]})
+            assert [d["Key"] for d in answer["Deleted"]] == ["sp"]
+            assert [o["Key"] for o in c.list_objects_v2(Bucket=bucket, Prefix="sp")["Contents"]] == ["sp "]
+        elif limit.id == "atomic-overwrite":
+            assert _overwrite_shows_a_torn_object(c, bucket), "every read racing a put saw a whole object"
+        else:
+            raise AssertionError(f"{managed.name}: no check for declared limit {limit.id!r}")
+        assert limit.cases and limit.what, limit
+    assert seen == {limit.id for limit in servers.known_limits(managed.name)}
+
+
+def _overwrite_shows_a_torn_object(c, bucket: str, size: int = 16 * 1024 * 1024, rounds: int = 8) -> bool:
+    """Whether a GET racing PUTs of one key ever sees something other than one whole value."""
+    values = [bytes([i]) * size for i in range(2)]
+    c.put_object(Bucket=bucket, Key="race", Body=values[0])
+    for i in range(rounds):
+        writer = threading.Thread(target=c.put_object, kwargs={"Bucket": bucket, "Key": "race", "Body": values[(i + 1) % 2]})
+        writer.start()
+        try:
+            while writer.is_alive():
+                try:
+                    if c.get_object(Bucket=bucket, Key="race")["Body"].read() not in values:
+                        return True
+                except (ClientError, BotoCoreError):
+                    return True  # 416 while the file is empty, or a body cut short as it shrinks
+        finally:
+            writer.join()
+    return False
 
 
 def test_stop_leaves_nothing(managed):
@@ -266,6 +327,19 @@ def test_available_and_unknown_names():
         servers.available("minio")
     with pytest.raises(ValueError):
         servers.start("minio")
+    with pytest.raises(ValueError):
+        servers.known_limits("minio")
+
+
+def test_limit_skips_name_the_server_and_real_cases():
+    from kvstore.testing.conformance import case_by_id
+
+    assert servers.limit_skips("moto") == {}
+    skips = servers.limit_skips("s3rver")
+    assert {"error-auth", "error-auth-reads", "error-auth-async", "conditional-put", "key-spaces"} <= set(skips)
+    for case_id, reason in skips.items():
+        case_by_id(case_id)  # a declared skip names a case that exists
+        assert reason.startswith("s3rver ") and len(reason) > 30
 
 
 def test_free_ports_are_distinct_and_free():

@@ -127,8 +127,8 @@ def as_byte_view(data: object) -> memoryview:
     if hasattr(data, "numpy") and hasattr(data, "is_contiguous") and hasattr(data, "device"):
         data = _torch_bytes(data)
     view = memoryview(data)
-    if not view.contiguous:
-        raise ValueError("data must be a contiguous buffer")
+    if not view.c_contiguous:  # a Fortran-ordered array is contiguous too, but not in the byte order we store
+        raise ValueError("data must be a C-contiguous buffer (numpy: np.ascontiguousarray)")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
@@ -139,8 +139,8 @@ def as_writable_view(buffer: object) -> memoryview:
     view = memoryview(buffer)
     if view.readonly:
         raise ValueError("get_into needs a writable buffer (bytearray, memoryview, numpy array, CPU tensor)")
-    if not view.contiguous:
-        raise ValueError("get_into needs a contiguous buffer")
+    if not view.c_contiguous:
+        raise ValueError("get_into needs a C-contiguous buffer (numpy: np.ascontiguousarray)")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
@@ -156,17 +156,34 @@ def _torch_bytes(tensor):
 
 
 
-def read_exactly(readinto, name: str, size: int, buffer: memoryview, on_chunk: OnChunk | None = None) -> None:
+def read_exactly(readinto, name: str, size: int, buffer: memoryview, on_chunk: OnChunk | None = None, *, local: bool = False) -> None:
     """Fill ``buffer[:size]`` from a ``readinto``-style callable; a short source is an IntegrityError.
 
     With ``on_chunk`` it reads ``PIECE`` bytes at a time and hands each piece on as it lands.
+    Writes go through the current call's buffer lease (``kvstore.backends.call``): a ``local``
+    source (a file on this machine) is read straight into the buffer while the lease is held; a
+    network source is read into a piece of our own first and copied while the lease is live, so
+    that a cancelled call never waits on the network and nothing lands after it returned.
     """
+    from kvstore.backends import call as _call
+
     if size > len(buffer):
         raise BufferTooSmall(name, size, len(buffer))
+    lease = _call.lease()
+    bounce = None if lease is None or local else bytearray(min(size, PIECE))
     done = 0
     while done < size:
-        end = min(size, done + PIECE) if on_chunk else size
-        n = readinto(buffer[done:end])
+        end = min(size, done + PIECE) if (on_chunk or lease is not None) else size
+        if lease is None:
+            n = readinto(buffer[done:end])
+        elif bounce is None:
+            with lease.writing():
+                n = readinto(buffer[done:end])
+        else:
+            piece = memoryview(bounce)[: end - done]
+            n = readinto(piece)
+            if n:
+                lease.copy_into(buffer[done:done + n], piece[:n])
         if not n:
             raise IntegrityError(f"{name!r}: {done} of {size} bytes arrived")
         if on_chunk:

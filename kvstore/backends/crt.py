@@ -2,20 +2,23 @@
 
 One ``S3Client`` per backend. PUT_OBJECT and GET_OBJECT let the CRT split large objects into
 parts (multipart upload, parallel ranged GETs); every other call is a plain signed request.
-Each blocking call waits on the request's future for at most ``timeout_s`` and cancels it
-after that. Reads land in the caller's buffer one part at a time, at the part's offset: no
-full-size intermediate. Retries belong to ``RetryLayer``, so the CRT's own are switched off.
+Each request waits on its future for what is left of the operation's deadline
+(``call.remaining``) and is cancelled after that. Reads land in the caller's buffer one part at
+a time, at the part's offset, under the call's buffer lease: no full-size intermediate, and no
+write after a cancel, timeout or close has returned. Uploads carry ``x-amz-checksum-crc32c``
+(per part for multipart) so that servers that validate refuse damaged bytes. Retries belong to
+``RetryLayer``, so the CRT's own are switched off.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import io
 import os
 import threading
 import time
-from typing import Iterator, Mapping
+import weakref
+from typing import Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from awscrt import auth as crt_auth
@@ -23,170 +26,60 @@ from awscrt import http as crt_http
 from awscrt import io as crt_io
 from awscrt import s3 as crt_s3
 
-from kvstore.backends.base import PIECE, Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
+from kvstore.backends import call
+from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
 from kvstore.backends.crt_http import (
-    META_PREFIX, body_checksum_header, crt_error, delete_body, delete_failures, encode_path, encode_query, header,
-    http_date, iter_batches, object_size, parse_list_page, user_metadata,
+    EMPTY_RANGE_SYMPTOMS, META_PREFIX, Abandoned, Collect, ObjectMissing, Sink, ViewReader, body_checksum_header,
+    crt_error, delete_body, delete_failures, encode_path, encode_query, header, http_date, iter_batches, object_size,
+    parse_list_page, user_metadata,
 )
 from kvstore.backends.s3errors import from_status
-from kvstore.errors import BufferTooSmall, IntegrityError, StoreTimeout, StoreUnavailable
+from kvstore.errors import BucketNotFound, StoreTimeout, StoreUnavailable
 
 CANCEL_GRACE_S = 2.0  # how long a cancelled request may take to settle before we stop waiting
 SHUTDOWN_WAIT_S = 5.0  # bound on close() waiting for the client's threads to stop
-
-
-class _Abandoned(Exception):
-    """Raised inside a callback of a request its caller has given up on, so the CRT stops it."""
-
-
-class _ViewReader(io.RawIOBase):
-    """A seekable stream over the caller's memoryview: the CRT copies from it straight into its part buffers."""
-
-    def __init__(self, view: memoryview, abandoned: threading.Event) -> None:
-        super().__init__()
-        self._view = view
-        self._pos = 0
-        self._abandoned = abandoned
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, target) -> int:
-        if self._abandoned.is_set():
-            raise _Abandoned("request abandoned")
-        n = min(len(target), len(self._view) - self._pos)
-        target[:n] = self._view[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, min(len(self._view), base + offset))
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-
-class _Sink:
-    """Receives a GET_OBJECT: sizes or checks the target from the headers, then copies each part to its offset.
-
-    With no buffer given, an object that arrives as one part is kept as the ``bytes`` the CRT
-    handed over (no copy at all); otherwise a buffer of the advertised size is allocated when
-    the first part arrives. Writes stop (and the request
-    fails) once the caller has given up, so a late part never lands in a buffer it owns again.
-    """
-
-    def __init__(self, name: str, buffer: memoryview | None, on_chunk: OnChunk | None = None) -> None:
-        self.name = name
-        self.buffer = buffer
-        self.on_chunk = on_chunk
-        self._address = _address_of(buffer) if buffer is not None else 0
-        self.size: int | None = None
-        self.metadata: dict[str, str] = {}
-        self.received = 0
-        self.whole: bytes | None = None  # the one part that is the whole object, when no buffer was given
-        self.abandoned = threading.Event()
-        self._lock = threading.Lock()
-
-    def on_headers(self, status_code: int, headers, **_) -> None:
-        if status_code >= 300:
-            return  # an error answer: the request's future carries it
-        size = object_size(headers)
-        self.metadata = user_metadata(headers)
-        if size is None:
-            return
-        self.size = size
-        if self.buffer is not None and size > len(self.buffer):
-            raise BufferTooSmall(self.name, size, len(self.buffer))
-
-    def on_body(self, chunk: bytes, offset: int, **_) -> None:
-        end = offset + len(chunk)
-        with self._lock:
-            if self.abandoned.is_set():
-                raise _Abandoned("request abandoned")
-            if self.buffer is None:
-                if self.size is None:
-                    raise StoreUnavailable(f"get {self.name!r}: the answer did not say the object's size")
-                if offset == 0 and len(chunk) == self.size and self.whole is None:
-                    self.whole = chunk
-                    self.received += len(chunk)
-                    return
-                self.buffer = memoryview(bytearray(self.size))
-                self._address = _address_of(self.buffer)
-            if end > len(self.buffer):
-                raise BufferTooSmall(self.name, end, len(self.buffer))
-            if self.on_chunk and self._address:
-                self._land_in_pieces(chunk, offset)
-            elif self._address:
-                ctypes.memmove(self._address + offset, chunk, len(chunk))  # releases the GIL while copying
-            else:
-                self.buffer[offset:end] = chunk
-            self.received += len(chunk)
-
-    def _land_in_pieces(self, chunk: bytes, offset: int) -> None:
-        """Copy a part PIECE bytes at a time, handing each piece on while it is still in cache."""
-        source = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value  # the part's own bytes, no copy
-        for start in range(0, len(chunk), PIECE):
-            n = min(PIECE, len(chunk) - start)
-            ctypes.memmove(self._address + offset + start, source + start, n)
-            self.on_chunk(offset + start, self.buffer[offset + start:offset + start + n])
-
-    def abandon(self) -> None:
-        with self._lock:
-            self.abandoned.set()
-
-    def result(self) -> ReadResult:
-        size = self.received if self.size is None else self.size
-        if self.received != size:
-            raise IntegrityError(f"{self.name!r}: {self.received} of {size} bytes arrived")
-        return ReadResult(size, self.metadata)
-
-
-def _address_of(view: memoryview) -> int:
-    if len(view) == 0 or view.readonly:
-        return 0
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
-
-
-class _Collect:
-    """Headers and the (small) body of a plain request."""
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.headers: list[tuple[str, str]] = []
-        self.body = bytearray()
-        self.abandoned = threading.Event()
-
-    def on_headers(self, status_code: int, headers, **_) -> None:
-        self.status = status_code
-        self.headers = list(headers)
-
-    def on_body(self, chunk: bytes, offset: int, **_) -> None:
-        if self.abandoned.is_set():
-            raise _Abandoned("request abandoned")
-        self.body += chunk
-
-    def abandon(self) -> None:
-        self.abandoned.set()
+# A HEAD answers a missing bucket and a missing key alike (404, no body); one HeadBucket tells
+# them apart, and a bucket seen to exist (any success) is taken as existing for this long.
+BUCKET_PROBE_TTL_S = 60.0
+# The CRT computes it over the bytes it sends and puts it in a header (per part, and in
+# CompleteMultipartUpload): a plain header, which servers that do not validate just ignore.
+_UPLOAD_CHECKSUM = crt_s3.S3ChecksumConfig(algorithm=crt_s3.S3ChecksumAlgorithm.CRC32C,
+                                          location=crt_s3.S3ChecksumLocation.HEADER)
 
 
 class _Pending:
-    """One request in flight and how to give up on it."""
+    """One request in flight, its deadline, and how to give up on it."""
 
-    __slots__ = ("request", "what", "sink", "started")
+    __slots__ = ("request", "what", "sink", "deadline", "budget", "__weakref__")
 
-    def __init__(self, request, what: str, sink) -> None:
+    def __init__(self, request, what: str, sink, budget: float) -> None:
         self.request = request
         self.what = what
         self.sink = sink
-        self.started = time.monotonic()
+        self.budget = budget
+        self.deadline = time.monotonic() + budget
 
     def abandon(self) -> None:
         self.sink.abandon()
+
+    def stop(self) -> None:
+        """Abandon and cancel (a lease revoke calls this from another thread: the request may be gone)."""
+        self.sink.abandon()
+        request = self.request
+        if request is not None:
+            request.cancel()
+
+
+def _stopper(pending: _Pending) -> Callable[[], None]:
+    """``pending.stop`` without keeping the request (and the caller's buffer) alive in the lease."""
+    ref = weakref.ref(pending)
+
+    def stop() -> None:
+        found = ref()
+        if found is not None:
+            found.stop()
+
+    return stop
 
 
 def default_io_threads() -> int:
@@ -213,6 +106,7 @@ class CrtBackend(Backend):
         self._lock = threading.Lock()
         self._inflight: set[_Pending] = set()
         self._closed = False
+        self._bucket_seen_until = 0.0  # monotonic time until which the bucket is taken to exist
         self._client = self._make_client(config)
 
     # -- client ------------------------------------------------------------------------------
@@ -266,7 +160,13 @@ class CrtBackend(Backend):
     def _start(self, what: str, method: str, path: str, *, headers: Mapping[str, str] | None = None,
                body: io.RawIOBase | None = None, kind=crt_s3.S3RequestType.DEFAULT, operation: str | None = None,
                sink=None) -> _Pending:
-        sink = sink or _Collect()
+        sink = sink or Collect()
+        budget = call.remaining(self.config.timeout_s)
+        if budget <= 0:
+            raise StoreTimeout(f"{what}: the operation's {self.config.timeout_s:g} s deadline has passed")
+        lease = sink.lease
+        if lease is not None and lease.revoked:
+            raise call.CallAbandoned(f"{what}: the caller gave up before the request started")
         request = crt_http.HttpRequest(method, path, crt_http.HttpHeaders([("Host", self._host), *(headers or {}).items()]),
                                        body)
         with self._lock:
@@ -274,28 +174,40 @@ class CrtBackend(Backend):
                 raise StoreUnavailable(f"{what}: the backend is closed", retryable=False)
             s3_request = self._client.make_request(
                 type=kind, request=request, operation_name=operation if kind == crt_s3.S3RequestType.DEFAULT else None,
+                checksum_config=_UPLOAD_CHECKSUM if kind == crt_s3.S3RequestType.PUT_OBJECT else None,
                 on_headers=sink.on_headers, on_body=sink.on_body)
-            pending = _Pending(s3_request, what, sink)
+            pending = _Pending(s3_request, what, sink, budget)
             self._inflight.add(pending)
+        if lease is not None:
+            # The CRT's threads would go on writing after the caller gave up: a revoke stops them.
+            lease.on_revoke(_stopper(pending))
         return pending
 
     def _wait(self, pending: _Pending) -> None:
-        """Wait for ``pending`` within timeout_s of its start; cancel it and raise StoreTimeout after that."""
-        remaining = self.config.timeout_s - (time.monotonic() - pending.started)
+        """Wait for ``pending`` until its deadline; cancel it and raise StoreTimeout after that."""
         try:
-            pending.request.finished_future.result(timeout=max(0.0, remaining))
-        except concurrent.futures.TimeoutError:
+            pending.request.finished_future.result(timeout=max(0.0, pending.deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError as exc:
             self._give_up(pending)
-            raise StoreTimeout(f"{pending.what}: no answer within {self.config.timeout_s:g} s") from None
-        except _Abandoned:
-            raise StoreUnavailable(f"{pending.what}: the backend was closed", retryable=False) from None
+            raise StoreTimeout(f"{pending.what}: no answer within {pending.budget:.3g} s "
+                               f"(timeout_s {self.config.timeout_s:g})") from exc
+        except call.CallAbandoned:
+            raise
+        except Abandoned as exc:
+            raise StoreUnavailable(f"{pending.what}: the backend was closed", retryable=False) from exc
         except BaseException as exc:
-            mapped = crt_error(exc, pending.what, self.config.endpoint)
+            lease = pending.sink.lease
+            if lease is not None and lease.revoked:
+                raise call.CallAbandoned(f"{pending.what}: the caller gave up; the request was cancelled") from exc
+            mapped = crt_error(exc, pending.what, self.config.endpoint, tls=self.config.tls)
             if self._closed and isinstance(mapped, StoreUnavailable) and mapped.connection:
-                raise StoreUnavailable(f"{pending.what}: the backend was closed", retryable=False) from None
+                raise StoreUnavailable(f"{pending.what}: the backend was closed", retryable=False) from exc
             if mapped is exc:
                 raise
-            raise mapped from None
+            raise mapped from exc
+        else:
+            # Any answer from inside the bucket shows that it exists.
+            self._bucket_seen_until = time.monotonic() + BUCKET_PROBE_TTL_S
         finally:
             with self._lock:
                 self._inflight.discard(pending)
@@ -307,10 +219,24 @@ class CrtBackend(Backend):
         pending.request.cancel()
         concurrent.futures.wait([pending.request.finished_future], timeout=CANCEL_GRACE_S)
 
-    def _call(self, what: str, method: str, path: str, **kwargs) -> _Collect:
+    def _call(self, what: str, method: str, path: str, **kwargs) -> Collect:
         pending = self._start(what, method, path, **kwargs)
         self._wait(pending)
         return pending.sink
+
+    def _miss(self, what: str, missing: ObjectMissing) -> None:
+        """Return (a plain miss) when the bucket exists; raise BucketNotFound when it does not.
+
+        A GET's NoSuchKey already says so; a bare 404 (every HEAD) needs the bucket probed, which
+        a recent success makes unnecessary.
+        """
+        if missing.code == "NoSuchKey" or time.monotonic() < self._bucket_seen_until:
+            return
+        try:
+            self._call(f"{what}: probing the bucket", "HEAD", self._path(None), operation="HeadBucket")
+        except ObjectMissing as exc:
+            raise BucketNotFound(f"{what}: the bucket {self.config.bucket!r} does not exist "
+                                 f"(HEAD of the bucket: HTTP 404)") from exc
 
     # -- objects -----------------------------------------------------------------------------
     def put(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
@@ -318,25 +244,32 @@ class CrtBackend(Backend):
         headers.update({META_PREFIX + k: v for k, v in metadata.items()})
         if if_absent:
             headers["If-None-Match"] = "*"
-        sink = _Collect()
-        body = _ViewReader(data, sink.abandoned)
+        sink = Collect()
+        body = ViewReader(data, sink.abandoned)
         self._call(f"put {name!r}", "PUT", self._path(name), headers=headers, body=body,
                    kind=crt_s3.S3RequestType.PUT_OBJECT, sink=sink)
 
-    def _read(self, name: str, buffer: memoryview | None, on_chunk: OnChunk | None = None) -> _Sink | None:
-        sink = _Sink(name, buffer, on_chunk)
+    def _read(self, name: str, buffer: memoryview | None, on_chunk: OnChunk | None = None) -> Sink | None:
+        what = f"get {name!r}"
+        sink = Sink(name, buffer, on_chunk, call.lease())
         try:
-            self._call(f"get {name!r}", "GET", self._path(name), kind=crt_s3.S3RequestType.GET_OBJECT, sink=sink)
+            self._call(what, "GET", self._path(name), kind=crt_s3.S3RequestType.GET_OBJECT, sink=sink)
+        except ObjectMissing as exc:
+            self._miss(what, exc)
+            return None
         except StoreUnavailable as exc:
-            if exc.status == 404:  # NoSuchKey; NoSuchBucket became BucketNotFound
-                return None
-            if exc.status != 416:
+            quirk = getattr(exc.__cause__, "name", None) in EMPTY_RANGE_SYMPTOMS
+            if exc.status != 416 and not quirk:
                 raise
-            # Ceph RGW and SeaweedFS refuse the CRT's ranged GET of an empty object: HEAD tells.
+            # Servers answer the CRT's ranged GET of an empty object with 416 (Ceph RGW, SeaweedFS),
+            # 200, or 206 with an odd or no Content-Range (s3rver): HEAD tells whether it is empty.
             info = self.head(name)
             if info is None:
                 return None
             if info.size != 0:
+                if quirk:
+                    raise StoreUnavailable(f"{what}: the server answered a ranged GET of a {info.size}-byte object "
+                                           "without a valid Content-Range", retryable=False) from exc
                 raise
             sink.size, sink.metadata = 0, dict(info.metadata)
         return sink
@@ -363,25 +296,26 @@ class CrtBackend(Backend):
     def _finish_head(self, name: str, pending: _Pending) -> ObjectInfo | None:
         try:
             self._wait(pending)
-        except StoreUnavailable as exc:
-            if exc.status == 404:  # HEAD answers carry no body, so a missing bucket reads as a miss too
-                return None
-            raise
-        sink: _Collect = pending.sink
+        except ObjectMissing as exc:
+            self._miss(pending.what, exc)
+            return None
+        sink: Collect = pending.sink
         etag = header(sink.headers, "etag")
         return ObjectInfo(name, object_size(sink.headers) or 0, user_metadata(sink.headers),
                           http_date(header(sink.headers, "last-modified")), etag.strip('"') if etag else None)
 
     def delete(self, name: str) -> bool:
         # S3 answers DELETE with 204 whether or not the object existed: HEAD first to tell the caller.
-        existed = self.head(name) is not None
-        if existed:
+        found = self.head(name) is not None
+        existed = call.existed([name], [found])[0]
+        if found:
             self._call(f"delete {name!r}", "DELETE", self._path(name), operation="DeleteObject")
         return existed
 
     def delete_many(self, names: list[str]) -> list[bool]:
-        existed = self._head_all(names)
-        present = [n for n, e in zip(names, existed) if e]
+        found = self._head_all(names)
+        existed = call.existed(names, found)
+        present = [n for n, e in zip(names, found) if e]
         for batch in iter_batches(present):
             body = delete_body(batch)
             key, value = body_checksum_header(body, self.config.s3express)
@@ -416,16 +350,20 @@ class CrtBackend(Backend):
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         token: str | None = None
+        seen: set[str] = set()
         while True:
             params: list[tuple[str, str | None]] = [("list-type", "2"), ("prefix", prefix)]
             if token:
                 params.append(("continuation-token", token))
             answer = self._call("list", "GET", self._path(None, encode_query(params)), operation="ListObjectsV2")
-            entries, token = parse_list_page(bytes(answer.body))
+            entries, token = parse_list_page(bytes(answer.body), f"list {prefix!r}")
             for name, size, modified, etag in entries:
                 yield ObjectInfo(name, size, {}, modified, etag)
             if not token:
                 return
+            if token in seen:  # a server that hands the same page out again would never end
+                raise StoreUnavailable(f"list {prefix!r}: the server repeated a continuation token", retryable=False)
+            seen.add(token)
 
     def close(self) -> None:
         """Cancel what is in flight (bounded wait), then release the client and its threads."""
@@ -439,7 +377,6 @@ class CrtBackend(Backend):
         shutdown = self._client.shutdown_event
         self._client = None
         shutdown.wait(SHUTDOWN_WAIT_S)
-
 
 def _cancel_all(pending: list) -> None:
     """Cancel every request and wait for them to settle, CANCEL_GRACE_S at most in all.

@@ -1,56 +1,43 @@
 """A local directory as an object store.
 
-Object names map to paths that can never leave the root: each ``/``-separated segment is
-percent-encoded (``.``/``..`` and empty segments included), so every file name the store makes
-is free of ``#``. That character then marks what is not a directory: ``NAME#`` holds an object,
-``NAME#tmp.*`` a write in progress. An object ``a`` and an object ``a/b`` can therefore coexist,
-as they can in S3.
+Names map to paths as ``kvstore.backends.file_paths`` describes; every path is walked below the
+root without following links. An object is one file: a header with its metadata, then its
+bytes. The header records both lengths, so a file cut short is an ``IntegrityError`` even
+without a checksum. Writes go to a temporary file renamed into place, so readers and concurrent
+writers see one whole object, old or new, with its own metadata; two files (data, metadata)
+could not be swapped in one rename. A writer killed mid-put leaves its temporary file behind:
+``stale_temp_files`` finds such files and ``remove_stale_temp_files`` removes them.
 
-An object is one file: a header with its metadata, then its bytes. The header records both
-lengths, so a file cut short is an ``IntegrityError`` even without a checksum. Writes go to a
-temporary file renamed into place, so readers and concurrent writers see one whole object, old
-or new, with its own metadata; two files (data, metadata) could not be swapped in one rename.
+The root is made by the first ``put``, never by opening the store: a read of a root that does
+not exist is ``BucketNotFound``, as it is for a missing bucket. Every OS error is a
+``KVStoreError`` that names the key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
+import secrets
+import stat
 import struct
-import tempfile
 from typing import Iterable, Iterator, Mapping
-from urllib.parse import quote, unquote
 
 from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, read_exactly
-from kvstore.errors import BucketNotFound, IntegrityError, PreconditionFailed
+from kvstore.backends.file_paths import (
+    FILE_FLAGS, Tree, Vanished, close_all, decode_segment, object_parts,
+)
+from kvstore.backends.file_temp import remove_stale, stale
+from kvstore.errors import IntegrityError, PreconditionFailed, StoreUnavailable
 
-_SAFE = "-_.@=+,~!$&'()*;:"
-_SEGMENT_MAX = 200  # bytes of one encoded path segment; longer ones continue in "#c" directories
+log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<4sIQ")  # magic, length of the JSON metadata that follows, length of the bytes after it
 _MAGIC = b"KVS1"
-
-
-def _encode_segment(segment: str) -> list[str]:
-    if segment in ("", ".", ".."):
-        encoded = "%" + "%2E" * len(segment)  # a lone "%" never comes out of quote(): no clash
-    else:
-        encoded = quote(segment, safe=_SAFE)
-    pieces = []
-    while len(encoded) > _SEGMENT_MAX:
-        cut = _SEGMENT_MAX
-        while encoded[cut - 1] == "%" or encoded[cut - 2] == "%":
-            cut -= 1  # never split a %XX escape
-        pieces.append(encoded[:cut] + "#c")
-        encoded = encoded[cut:]
-    return pieces + [encoded]
-
-
-def _decode_segment(parts: list[str]) -> str:
-    encoded = "".join(p[:-2] for p in parts[:-1]) + parts[-1]
-    if encoded.startswith("%") and encoded.replace("%2E", "") == "%":
-        return "." * encoded.count("%2E")
-    return unquote(encoded)
+# Walks a put may restart when concurrent deletes keep pruning its directory; each restart is cheap.
+_PUT_ATTEMPTS = 100
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class FileBackend(Backend):
@@ -59,62 +46,97 @@ class FileBackend(Backend):
     def __init__(self, config) -> None:
         super().__init__(config)
         self.root = config.location
-        os.makedirs(self.root, exist_ok=True)
+        self._tree = Tree(self.root)
 
-    def _path(self, name: str) -> str:
-        parts: list[str] = []
-        for segment in name.split("/"):
-            parts.extend(_encode_segment(segment))
-        return os.path.join(self.root, *parts)
-
-    def _check_root(self) -> None:
-        if not os.path.isdir(self.root):
-            raise BucketNotFound(f"store directory {self.root!r} does not exist")
-
+    # -- writing -------------------------------------------------------------------------
     def put(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
-        self._check_root()
-        path = self._path(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        dirs, base = object_parts(name)
         record = json.dumps(dict(metadata)).encode()
-        tmp = self._write_temp(path, (_HEADER.pack(_MAGIC, len(record), len(data)), record, data))
+        pieces = (_HEADER.pack(_MAGIC, len(record), len(data)), record, data)
+        for _ in range(_PUT_ATTEMPTS):
+            try:
+                with self._tree.walk(name, dirs, create=True, action="write") as fds:
+                    assert fds is not None
+                    self._put_in(fds[-1], base, name, pieces, if_absent)
+                    return
+            except Vanished:
+                continue
+        raise StoreUnavailable(f"file store {self.root!r}: cannot write {name!r}: concurrent deletes kept "
+                               "removing its directory")
+
+    def _put_in(self, leaf: int, base: str, name: str, pieces: Iterable[bytes | memoryview], if_absent: bool) -> None:
+        tmp = self._write_temp(leaf, base, name, pieces)
         try:
             if if_absent:
                 try:
-                    os.link(tmp, path + "#")  # atomic create-if-absent
+                    os.link(tmp, base + "#", src_dir_fd=leaf, dst_dir_fd=leaf, follow_symlinks=False)
                 except FileExistsError:
                     raise PreconditionFailed(f"{name!r} already exists") from None
             else:
-                os.replace(tmp, path + "#")
+                os.replace(tmp, base + "#", src_dir_fd=leaf, dst_dir_fd=leaf)
+            if self.config.fsync:
+                os.fsync(leaf)  # the rename itself is durable only once its directory is
+        except OSError as exc:
+            raise self._tree.os_error(exc, repr(name), "write") from exc
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            try:
+                os.unlink(tmp, dir_fd=leaf)
+            except FileNotFoundError:
+                pass  # renamed into place
+            except OSError:
+                log.warning("file store %r: could not remove a temporary file of %r", self.root, name)
 
-    def _write_temp(self, path: str, pieces: Iterable[bytes | memoryview]) -> str:
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + "#tmp.", dir=os.path.dirname(path))
+    def _write_temp(self, leaf: int, base: str, name: str, pieces: Iterable[bytes | memoryview]) -> str:
+        """A new temp file beside the object, holding ``pieces``; mode 0666 less the umask, like any file."""
+        tmp = f"{base}#tmp.{secrets.token_hex(8)}"
+        try:
+            fd = os.open(tmp, _TEMP_FLAGS, 0o666, dir_fd=leaf)
+        except FileNotFoundError:  # a delete pruned the directory since we opened it
+            raise Vanished() from None
+        except OSError as exc:
+            raise self._tree.os_error(exc, repr(name), "write") from exc
         try:
             with os.fdopen(fd, "wb") as f:
                 f.writelines(pieces)
                 if self.config.fsync:
                     f.flush()
                     os.fsync(f.fileno())
-        except BaseException:
-            os.unlink(tmp)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=leaf)
+            if isinstance(exc, OSError):
+                raise self._tree.os_error(exc, repr(name), "write") from exc
             raise
         return tmp
 
-    def _open(self, path: str, name: str, *, metadata: bool = True):
-        """(file positioned at the object's bytes, their size, its stat, metadata), or None when absent.
+    # -- reading -------------------------------------------------------------------------
+    def _open(self, name: str, *, metadata: bool = True):
+        """(file positioned at the object's bytes, their size, its stat, metadata), or None when absent."""
+        dirs, base = object_parts(name)
+        with self._tree.walk(name, dirs, create=False, action="read") as fds:
+            if fds is None:
+                return None
+            return self._open_at(fds[-1], base + "#", "/".join(dirs + [base + "#"]), name, metadata=metadata)
+
+    def _open_at(self, parent: int, file_name: str, rel: str, name: str, *, metadata: bool):
+        """``_open`` of the object file ``file_name`` in directory ``parent``.
 
         With ``metadata=False`` the metadata is neither read nor parsed (None), and the file is
         left positioned before it.
         """
         try:
-            f = open(path + "#", "rb", buffering=0)
-        except (FileNotFoundError, NotADirectoryError):
-            self._check_root()
+            fd = os.open(file_name, FILE_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
             return None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENOTDIR):
+                raise self._tree.refused(parent, file_name, rel, repr(name)) from exc
+            raise self._tree.os_error(exc, repr(name), "read") from exc
+        f = os.fdopen(fd, "rb", buffering=0)
         try:
-            st = os.fstat(f.fileno())
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._tree.refused(parent, file_name, rel, repr(name))
             header = f.read(_HEADER.size)
             if len(header) < _HEADER.size or header[:4] != _MAGIC:
                 raise IntegrityError(f"{name!r} is not a kvstore object: damaged, or written by an older kvstore "
@@ -124,6 +146,9 @@ class FileBackend(Backend):
                 raise IntegrityError(f"{name!r} is damaged: {st.st_size} bytes on disk, its header accounts for "
                                      f"{_HEADER.size + length + size}")
             return f, size, st, self._read_metadata(f, length, name) if metadata else None
+        except OSError as exc:
+            f.close()
+            raise self._tree.os_error(exc, repr(name), "read") from exc
         except BaseException:
             f.close()
             raise
@@ -139,85 +164,124 @@ class FileBackend(Backend):
         return metadata
 
     def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
-        opened = self._open(self._path(name), name)
+        opened = self._open(name)
         if opened is None:
             return None
         f, size, _, metadata = opened
         with f:
-            read_exactly(f.readinto, name, size, buffer, on_chunk)
+            try:
+                # local: a file read never waits on a network, so it may land in the caller's
+                # buffer directly, a piece at a time while holding the call's lease.
+                read_exactly(f.readinto, name, size, buffer, on_chunk, local=True)
+            except OSError as exc:
+                raise self._tree.os_error(exc, repr(name), "read") from exc
         return ReadResult(size, metadata)
 
+    def get(self, name: str) -> tuple[bytearray, ReadResult] | None:
+        """The whole object, sized and read through one open file: a replacement cannot come between."""
+        opened = self._open(name)
+        if opened is None:
+            return None
+        f, size, _, metadata = opened
+        buffer = bytearray(size)
+        view, done = memoryview(buffer), 0
+        with f:
+            while done < size:
+                try:
+                    n = f.readinto(view[done:])
+                except OSError as exc:
+                    raise self._tree.os_error(exc, repr(name), "read") from exc
+                if not n:
+                    raise IntegrityError(f"{name!r}: {done} of {size} bytes arrived")
+                done += n
+        return buffer, ReadResult(size, metadata)
+
     def head(self, name: str) -> ObjectInfo | None:
-        opened = self._open(self._path(name), name)
+        opened = self._open(name)
         if opened is None:
             return None
         f, size, st, metadata = opened
         f.close()
         return ObjectInfo(name, size, metadata, st.st_mtime)
 
+    # -- deleting ------------------------------------------------------------------------
     def delete(self, name: str) -> bool:
-        path = self._path(name)
-        try:
-            os.unlink(path + "#")
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        self._prune(os.path.dirname(path))
-        return True
-
-    def _prune(self, directory: str) -> None:
-        """Remove directories the delete left empty, up to the root."""
-        while os.path.abspath(directory) != os.path.abspath(self.root):
+        dirs, base = object_parts(name)
+        with self._tree.walk(name, dirs, create=False, action="delete") as fds:
+            if fds is None:
+                return False
+            leaf, file_name = fds[-1], base + "#"
             try:
-                os.rmdir(directory)
+                mode = os.stat(file_name, dir_fd=leaf, follow_symlinks=False).st_mode
+                if not stat.S_ISREG(mode):
+                    raise self._tree.refused(leaf, file_name, "/".join(dirs + [file_name]), repr(name))
+                os.unlink(file_name, dir_fd=leaf)
+            except FileNotFoundError:
+                return False
             except OSError as exc:
-                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                    return
-                raise
-            directory = os.path.dirname(directory)
+                raise self._tree.os_error(exc, repr(name), "delete") from exc
+            self._tree.prune(fds, dirs)
+            return True
 
+    # -- listing -------------------------------------------------------------------------
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        self._check_root()
-        yield from self._walk(self.root, [], prefix)
-
-    def _walk(self, directory: str, segments: list[str], prefix: str) -> Iterator[ObjectInfo]:
+        root = self._tree.open_root(f"the objects under {prefix!r}", create=False)
         try:
-            entries = list(os.scandir(directory))
-        except (FileNotFoundError, NotADirectoryError):
+            yield from self._walk(root, [], [], prefix)
+        finally:
+            os.close(root)
+
+    def _walk(self, fd: int, segments: list[str], parts: list[str], prefix: str) -> Iterator[ObjectInfo]:
+        """Objects below directory ``fd``: ``segments`` decoded so far, ``parts`` of one continued segment."""
+        try:
+            entries = list(os.scandir(fd))
+        except FileNotFoundError:  # pruned by a delete since we opened it
             return
+        except OSError as exc:
+            where = "/".join(segments)
+            raise self._tree.os_error(exc, f"the objects under {where!r}", "list") from exc
         for entry in entries:
             name = entry.name
-            if entry.is_dir(follow_symlinks=False) and "#" not in name:
-                segment = _decode_segment([name])
-                yield from self._descend(entry.path, segments, segment, prefix)
-            elif name.endswith("#c") and entry.is_dir(follow_symlinks=False):
-                yield from self._continuation(entry.path, segments, [name], prefix)
+            if entry.is_symlink():
+                log.warning("file store %r: skipping %r under %r, a symbolic link (links inside the root are "
+                            "not followed)", self.root, name, "/".join(segments))
+            elif "#" not in name and entry.is_dir(follow_symlinks=False):
+                segment = decode_segment(parts + [name])
+                full = "/".join(segments + [segment])
+                if full.startswith(prefix[: len(full)]):  # only directories that can hold a match
+                    yield from self._descend(fd, name, segments + [segment], [], prefix)
+            elif name.endswith("#c") and name.count("#") == 1 and entry.is_dir(follow_symlinks=False):
+                yield from self._descend(fd, name, segments, parts + [name], prefix)
             elif name.endswith("#") and name.count("#") == 1:
-                yield from self._object(entry, segments + [_decode_segment([name[:-1]])], prefix)
+                if entry.is_file(follow_symlinks=False):
+                    yield from self._object(fd, name, segments + [decode_segment(parts + [name[:-1]])], prefix)
+                else:
+                    log.warning("file store %r: skipping %r under %r, not a regular file", self.root, name,
+                                "/".join(segments))
 
-    def _descend(self, path: str, segments: list[str], segment: str, prefix: str) -> Iterator[ObjectInfo]:
-        full = "/".join(segments + [segment])
-        if full.startswith(prefix[: len(full)]):  # only directories that can hold a match
-            yield from self._walk(path, segments + [segment], prefix)
+    def _descend(self, fd: int, entry: str, segments: list[str], parts: list[str], prefix: str) -> Iterator[ObjectInfo]:
+        try:
+            child = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):  # swapped for a link since we read the directory
+                return
+            raise self._tree.os_error(exc, f"the objects under {'/'.join(segments)!r}", "list") from exc
+        try:
+            yield from self._walk(child, segments, parts, prefix)
+        finally:
+            close_all([child])
 
-    def _continuation(self, path: str, segments: list[str], parts: list[str], prefix: str) -> Iterator[ObjectInfo]:
-        for entry in os.scandir(path):
-            name = entry.name
-            if name.endswith("#c") and entry.is_dir(follow_symlinks=False):
-                yield from self._continuation(entry.path, segments, parts + [name], prefix)
-            elif entry.is_dir(follow_symlinks=False) and "#" not in name:
-                yield from self._walk(entry.path, segments + [_decode_segment(parts + [name])], prefix)
-            elif name.endswith("#") and name.count("#") == 1:
-                yield from self._object(entry, segments + [_decode_segment(parts + [name[:-1]])], prefix)
-
-    def _object(self, entry: os.DirEntry, segments: list[str], prefix: str) -> Iterator[ObjectInfo]:
+    def _object(self, fd: int, file_name: str, segments: list[str], prefix: str) -> Iterator[ObjectInfo]:
         name = "/".join(segments)
         if not name.startswith(prefix):
             return
         try:
-            opened = self._open(entry.path[:-1], name, metadata=False)
+            opened = self._open_at(fd, file_name, file_name, name, metadata=False)
         except IntegrityError:  # listed at its size on disk, so that verify can report it and gc remove it
             try:
-                st = entry.stat(follow_symlinks=False)
+                st = os.stat(file_name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 return
             yield ObjectInfo(name, st.st_size, {}, st.st_mtime)
@@ -227,3 +291,16 @@ class FileBackend(Backend):
         f, size, st, _ = opened
         f.close()
         yield ObjectInfo(name, size, {}, st.st_mtime)
+
+    # -- maintenance ---------------------------------------------------------------------
+    def stale_temp_files(self, older_than_s: float) -> list[tuple[str, int, float]]:
+        """Temp files of writes that never finished (a writer killed mid-put), last written at least
+        ``older_than_s`` ago: (path relative to the root, size in bytes, age in seconds)."""
+        return stale(self._tree, older_than_s)
+
+    def remove_stale_temp_files(self, older_than_s: float) -> tuple[int, int]:
+        """Remove what ``stale_temp_files`` finds and the directories that leaves empty.
+
+        Returns (files removed, bytes freed).
+        """
+        return remove_stale(self._tree, older_than_s)

@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Iterator, Mapping
 
+from kvstore.backends import call
 from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult
 from kvstore.errors import BufferTooSmall, PreconditionFailed
 
@@ -38,7 +39,7 @@ class MemoryBackend(Backend):
         data, metadata, _ = entry
         if len(data) > len(buffer):
             raise BufferTooSmall(name, len(data), len(buffer))
-        buffer[: len(data)] = data
+        call.copy_into(buffer[: len(data)], data)
         return ReadResult(len(data), dict(metadata))
 
     def get(self, name: str):

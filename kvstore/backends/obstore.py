@@ -15,16 +15,17 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Iterator, Mapping
+from typing import Awaitable, Callable, Iterator, Mapping, TypeVar
 
 import obstore
 from obstore import exceptions as obx
 from obstore.store import S3Store
 
+from kvstore.backends import call
 from kvstore.backends.base import PIECE, Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
 from kvstore.backends.s3errors import error_code, from_status
+from kvstore.backends.s3probe import BucketProbe, LoopThread, run_bounded
 from kvstore.errors import (
     AuthError, BucketNotFound, BufferTooSmall, ConfigError, IntegrityError, KVStoreError,
     PreconditionFailed, StoreTimeout, StoreUnavailable,
@@ -35,6 +36,8 @@ _STANDARD_ATTRIBUTES = {"Content-Disposition", "Content-Encoding", "Content-Lang
                         "Cache-Control", "Storage-Class"}
 _STATUS = re.compile(r"status code: (\d{3})")
 _HEAD_CONCURRENCY = 16
+_RESEND_CODES = {"BadDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"}
+T = TypeVar("T")
 
 
 class ObstoreBackend(Backend):
@@ -44,9 +47,26 @@ class ObstoreBackend(Backend):
         super().__init__(config)
         self._store = _make_store(config)
         self._store_lock = threading.Lock()
-        self._bucket_seen = False
+        self._probe = BucketProbe()
+        # obstore's async API on a loop of our own: a call can then end at the operation's
+        # deadline, and a revoked lease drops its stream, neither of which the blocking API allows.
+        self._loop = LoopThread("kvstore-obstore")
 
-    # -- names and errors ---------------------------------------------------------------------
+    # -- running, names and errors ------------------------------------------------------------
+    def _run(self, what: str, work: Callable[[S3Store], Awaitable[T]]) -> T:
+        """``await work(store)`` within the deadline; obstore failures as kvstore errors (a miss is ``_Miss``)."""
+        store = self._store
+
+        async def go() -> T:  # obstore's async calls need the running loop: start them on it
+            return await work(store)
+
+        try:
+            return run_bounded(self._loop.loop, go(), what, self.config.timeout_s)
+        except KVStoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every obstore failure is translated
+            raise self._error(exc, what, store) from exc
+
     def _error(self, exc: Exception, what: str, used: S3Store | None = None) -> KVStoreError:
         """The kvstore error for an obstore exception (a 404 on an object is handled by the caller).
 
@@ -65,8 +85,10 @@ class ObstoreBackend(Backend):
                     self._store = _make_store(self.config)
             return StoreUnavailable(f"{what}: the S3 Express session expired early; the next attempt opens a new one")
         if code == "NoSuchBucket":
-            self._bucket_seen = False
+            self._probe.forget()
             return BucketNotFound(f"{what}: bucket {self.config.bucket!r} does not exist")
+        if code in _RESEND_CODES:
+            return StoreUnavailable(f"{what}: {code} (the body was damaged on the way)")
         if isinstance(exc, (obx.PermissionDeniedError, obx.UnauthenticatedError)):
             return AuthError(f"{what}: {message}")
         status = _STATUS.search(message)
@@ -79,146 +101,167 @@ class ObstoreBackend(Backend):
             return StoreUnavailable(f"{what}: {message}", connection=True)
         return StoreUnavailable(f"{what}: {message}", retryable=False)
 
-    def _miss(self, exc: Exception, what: str) -> None:
+    def _miss(self, miss: "_Miss", name: str, what: str) -> None:
         """A 404: a miss when the bucket exists, ``BucketNotFound`` otherwise (a HEAD 404 has no body)."""
-        message = str(exc)
-        if error_code(message) == "NoSuchBucket":
-            raise self._error(exc, what) from None
-        if not self._bucket_seen:
-            try:
-                next(iter(obstore.list(self._store, chunk_size=1)), None)
-            except Exception as probe:  # noqa: BLE001 - every obstore failure is translated
-                raise self._error(probe, what) from None
-            self._bucket_seen = True
+        if error_code(str(miss.exc)) == "NoSuchBucket":
+            raise self._error(miss.exc, what) from miss.exc
+        # A directory listing under the name: one small request, and NoSuchBucket when it is gone.
+        self._probe.confirm(lambda: self._run(f"probe bucket {self.config.bucket!r}",
+                                              lambda store: obstore.list_with_delimiter_async(store, prefix=name)))
 
     # -- operations ----------------------------------------------------------------------------
     def put(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
-        store = self._store
-        try:
-            obstore.put(store, name, data, attributes=dict(metadata) or None,
-                        mode="create" if if_absent else "overwrite",
-                        chunk_size=self.config.part_size, use_multipart=len(data) > self.config.part_size)
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, f"PUT {name!r}", store) from None
-        self._bucket_seen = True
+        # obstore cannot send x-amz-checksum-crc32c (its checksum_algorithm offers SHA256 and
+        # CRC64NVME only, and attributes become x-amz-meta-*): the CRC32C travels as metadata.
+        self._run(f"PUT {name!r}", lambda store: obstore.put_async(
+            store, name, data, attributes=dict(metadata) or None, mode="create" if if_absent else "overwrite",
+            chunk_size=self.config.part_size, use_multipart=len(data) > self.config.part_size))
+        self._probe.seen()
 
-    def _fetch(self, name: str, what: str, options: dict | None = None):
-        """obstore's GetResult for ``name``, or None on a miss; failures as kvstore errors."""
-        store = self._store
-        try:
-            result = obstore.get(store, name, options=options)
-        except FileNotFoundError as exc:
-            self._miss(exc, f"{what} {name!r}")
+    def _fetch(self, name: str, what: str, read: Callable[[object], Awaitable[T]], head: bool = False) -> T | None:
+        """``read(obstore's GetResult)`` for ``name`` in one bounded call, or None on a miss."""
+        async def fetch(store: S3Store):
+            try:
+                result = await obstore.get_async(store, name, options={"head": True} if head else None)
+            except FileNotFoundError as exc:
+                return _Miss(exc)
+            return await read(result)
+
+        found = self._run(f"{what} {name!r}", fetch)
+        if isinstance(found, _Miss):
+            self._miss(found, name, f"{what} {name!r}")
             return None
-        except Exception as exc:  # noqa: BLE001 - every obstore failure is translated
-            raise self._error(exc, f"{what} {name!r}", store) from None
-        self._bucket_seen = True
-        return result
+        self._probe.seen()
+        return found
 
     def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
-        result = self._fetch(name, "GET")
-        if result is None:
-            return None
-        size = result.meta["size"]
-        if size > len(buffer):
-            raise BufferTooSmall(name, size, len(buffer))
-        done = 0
-        try:
-            # Pieces, not whole parts: a part-sized chunk is joined in Rust, then copied again from
-            # memory. 8 MiB reads at 16 in flight went from 1.6-2.0 to 1.9-2.4 GiB/s with 1 MiB
-            # pieces (256 and 64 KiB did the same), copied while they are still in cache.
-            for chunk in result.stream(min_chunk_size=PIECE):
-                end = done + len(chunk)
-                if end > size:
-                    raise IntegrityError(f"{name!r} sent more than its advertised {size} bytes")
-                buffer[done:end] = chunk
-                if on_chunk:
-                    on_chunk(done, buffer[done:end])
-                done = end
-        except obx.BaseError as exc:
-            raise self._error(exc, f"GET {name!r}") from None
-        if done != size:
-            raise IntegrityError(f"{name!r}: {done} of {size} bytes arrived")
-        return ReadResult(size, _user_metadata(result.attributes))
+        lease = call.lease()  # taken here: the copies run on the loop thread
+
+        async def read(result) -> ReadResult:
+            size = result.meta["size"]
+            if size > len(buffer):
+                raise BufferTooSmall(name, size, len(buffer))
+            done = 0
+            try:
+                # Pieces, not whole parts: a part-sized chunk is joined in Rust, then copied again from
+                # memory. 8 MiB reads at 16 in flight went from 1.6-2.0 to 1.9-2.4 GiB/s with 1 MiB
+                # pieces (256 and 64 KiB did the same), copied while they are still in cache.
+                async for chunk in result.stream(min_chunk_size=PIECE):
+                    end = done + len(chunk)
+                    if end > size:
+                        raise IntegrityError(f"{name!r} sent more than its advertised {size} bytes")
+                    if lease is None:
+                        buffer[done:end] = chunk
+                    else:
+                        lease.copy_into(buffer[done:end], chunk)
+                    if on_chunk:
+                        on_chunk(done, buffer[done:end])
+                    done = end
+            except obx.BaseError as exc:
+                raise self._error(exc, f"GET {name!r}") from exc
+            if done != size:
+                raise IntegrityError(f"{name!r}: {done} of {size} bytes arrived")
+            return ReadResult(size, _user_metadata(result.attributes))
+
+        return self._fetch(name, "GET", read)
 
     def get(self, name: str):
-        result = self._fetch(name, "GET")
-        if result is None:
-            return None
-        try:
-            data = result.bytes()
-        except obx.BaseError as exc:
-            raise self._error(exc, f"GET {name!r}") from None
-        if len(data) != result.meta["size"]:
-            raise IntegrityError(f"{name!r}: {len(data)} of {result.meta['size']} bytes arrived")
-        return memoryview(data), ReadResult(len(data), _user_metadata(result.attributes))
+        async def read(result):
+            try:
+                data = await result.bytes_async()
+            except obx.BaseError as exc:
+                raise self._error(exc, f"GET {name!r}") from exc
+            if len(data) != result.meta["size"]:
+                raise IntegrityError(f"{name!r}: {len(data)} of {result.meta['size']} bytes arrived")
+            return memoryview(data), ReadResult(len(data), _user_metadata(result.attributes))
+
+        return self._fetch(name, "GET", read)
 
     def head(self, name: str) -> ObjectInfo | None:
-        result = self._fetch(name, "HEAD", {"head": True})
-        if result is None:
-            return None
-        return _info(result.meta, _user_metadata(result.attributes))
+        async def read(result) -> ObjectInfo:
+            return _info(result.meta, _user_metadata(result.attributes))
+
+        return self._fetch(name, "HEAD", read, head=True)
 
     def delete(self, name: str) -> bool:
-        if self.head(name) is None:  # S3 answers a DELETE of a missing object with 204 too
-            return False
+        # S3 answers a DELETE of a missing object with 204 too: HEAD first to tell the caller.
+        if self.head(name) is None:
+            return call.existed([name], [False])[0]
+        call.existed([name], [True])
         try:
-            obstore.delete(self._store, name)
-        except FileNotFoundError:
-            return False
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, f"DELETE {name!r}") from None
+            self._run(f"DELETE {name!r}", lambda store: obstore.delete_async(store, name))
+        except BucketNotFound:
+            raise
+        except KVStoreError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                return False
+            raise
         return True
 
     def delete_many(self, names: list[str]) -> list[bool]:
-        present = self._present(names)
-        doomed = [name for name, there in zip(names, present) if there]
+        found = self._present(names)
+        present = call.existed(names, found)
+        doomed = [name for name, there in zip(names, found) if there]
         if doomed:
-            try:
-                obstore.delete(self._store, doomed)  # DeleteObjects, 1000 names a request
-            except FileNotFoundError:
-                pass
-            except Exception as exc:  # noqa: BLE001
-                raise self._error(exc, f"DELETE {len(doomed)} objects") from None
+            async def delete(store: S3Store) -> None:
+                try:
+                    await obstore.delete_async(store, doomed)  # DeleteObjects, 1000 names a request
+                except FileNotFoundError:
+                    pass
+
+            self._run(f"DELETE {len(doomed)} objects", delete)
         return present
 
     def _present(self, names: list[str]) -> list[bool]:
-        """HEAD every name, many at once on obstore's own runtime."""
-        if len(names) == 1:
-            return [self.head(names[0]) is not None]
+        """HEAD every name, many at once, in one bounded call."""
+        if not names:
+            return []
 
-        store = self._store
-
-        async def one(name: str, gate: asyncio.Semaphore) -> bool:
-            async with gate:
-                try:
-                    await obstore.head_async(store, name)
-                except FileNotFoundError as exc:
-                    self._miss(exc, f"HEAD {name!r}")
-                    return False
-                except Exception as exc:  # noqa: BLE001
-                    raise self._error(exc, f"HEAD {name!r}", store) from None
-                return True
-
-        async def every() -> list[bool]:
+        async def every(store: S3Store) -> list:
             gate = asyncio.Semaphore(_HEAD_CONCURRENCY)
-            return list(await asyncio.gather(*(one(n, gate) for n in names)))
 
-        # A private thread so that a caller already inside an event loop is no obstacle.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-obstore") as runner:
-            return runner.submit(asyncio.run, every()).result()
+            async def one(name: str):
+                async with gate:
+                    try:
+                        await obstore.head_async(store, name)
+                    except FileNotFoundError as exc:
+                        return _Miss(exc)
+                    return True
+
+            return list(await asyncio.gather(*(one(n) for n in names)))
+
+        found = self._run(f"HEAD {len(names)} objects", every)
+        for name, one in zip(names, found):
+            if isinstance(one, _Miss):
+                self._miss(one, name, f"HEAD {name!r}")
+        self._probe.seen()
+        return [one is True for one in found]
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         # obstore lists whole "directories": ask for the one holding the prefix, filter the rest here.
         directory = prefix.rpartition("/")[0]
-        try:
-            for batch in obstore.list(self._store, prefix=directory or None):
-                for meta in batch:
-                    if meta["path"].startswith(prefix):
-                        yield _info(meta, {})
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(exc, f"LIST {prefix!r}") from None
-        self._bucket_seen = True
+
+        async def collect(store: S3Store) -> list[ObjectInfo]:
+            out = []
+            async for batch in obstore.list(store, prefix=directory or None):
+                out.extend(_info(meta, {}) for meta in batch if meta["path"].startswith(prefix))
+            return out
+
+        found = self._run(f"LIST {prefix!r}", collect)
+        self._probe.seen()
+        yield from found
+
+    def close(self) -> None:
+        self._loop.close()
+
+
+class _Miss:
+    """A 404 met inside a coroutine; settled outside it (the bucket probe may need a request of its own)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
 
 
 def _user_metadata(attributes: Mapping[str, str]) -> dict[str, str]:

@@ -32,40 +32,87 @@ def load_extra_config(path: str | None, sets: Sequence[str]) -> dict[str, Any]:
     """extra_config from a YAML/JSON file and --set pairs (later wins)."""
     extra: dict[str, Any] = {}
     if path:
-        import yaml
-
-        try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML or JSON: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping")
-        # An LMCache config file: take its extra_config, and the top-level keys storage understands.
-        if "extra_config" in loaded or "remote_url" in loaded:
-            nested = loaded.get("extra_config") or {}
-            if "blocking_timeout_secs" in loaded:
-                nested.setdefault("blocking_timeout_secs", loaded["blocking_timeout_secs"])
-            if loaded.get("remote_url"):
-                nested.setdefault("kvstore_url", loaded["remote_url"])
-            loaded = nested
-        extra.update(loaded)
+        extra.update(_load_file(path))
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+            raise ConfigError(f"--set takes KEY=VALUE, got {item.partition('=')[0]!r} without '='")
         extra[key.strip()] = value
     return extra
 
 
+def _load_file(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML or JSON: {exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of key: value, got {type(loaded).__name__}")
+    if "extra_config" not in loaded and "remote_url" not in loaded:
+        return loaded
+    # An LMCache config file: take its extra_config, and the top-level keys storage understands.
+    nested = loaded.get("extra_config")
+    if nested is None:
+        nested = {}
+    if not isinstance(nested, dict):
+        raise ConfigError(f"{path}: extra_config must be a mapping of key: value, got {type(nested).__name__}",
+                          key="extra_config")
+    nested = dict(nested)
+    for top, inner in (("remote_url", "kvstore_url"), ("blocking_timeout_secs", "blocking_timeout_secs")):
+        if loaded.get(top) is None:
+            continue
+        if nested.get(inner) is not None and not _same(nested[inner], loaded[top]):
+            raise ConfigError(f"{path}: {top} ({_shown(loaded[top])}) and extra_config.{inner} "
+                              f"({_shown(nested[inner])}) disagree: keep one", key=inner)
+        nested[inner] = loaded[top]
+    return nested
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or str(a).strip().rstrip("/") == str(b).strip().rstrip("/")
+
+
+def _shown(value: Any) -> str:
+    from kvstore.config.keys import redact_url
+
+    return redact_url(str(value))
+
+
 def url_and_config(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
-    extra = load_extra_config(args.config, args.set)
+    """The command line's URL and extra_config; a URL there and another in the file is an error naming both."""
+    path = getattr(args, "config", None)
+    extra = load_extra_config(path, getattr(args, "set", []))
     url = getattr(args, "url", None)
     if url in (None, "-"):
         url = None  # taken from the config file's remote_url / kvstore_url
+    file_url = extra.get("kvstore_url")
+    from_sets = any(item.partition("=")[0].strip() == "kvstore_url" for item in getattr(args, "set", []))
+    if url is not None and path and file_url and not from_sets and not _same(url, file_url):
+        _check_same_store(url, str(file_url), path)
     return url, extra
+
+
+def _check_same_store(url: str, file_url: str, path: str) -> None:
+    from kvstore.config.profiles import detect
+
+    import os
+
+    def store(text: str) -> tuple:
+        d = detect(text)
+        location = os.path.abspath(os.path.expanduser(d.location)) if d.profile == "file" else d.location
+        return d.profile, d.bucket, d.prefix, d.endpoint, location
+
+    if store(url) != store(file_url):
+        raise ConfigError(f"the URL on the command line ({_shown(url)}) and remote_url / kvstore_url in {path} "
+                          f"({_shown(file_url)}) name different stores: give one (URL '-' takes the file's)",
+                          key="remote_url")
 
 
 def open_store(args: argparse.Namespace):

@@ -1,316 +1,214 @@
 """``kvstore dump`` and ``kvstore kv ls | stat | verify | gc``: offline KV dumping from the shell.
 
-Prompts come from a safetensors file (``tokens`` and ``kv`` tensors, or ``<name>.tokens`` and
-``<name>.kv`` pairs; ``kv`` in LMCache's ``[2, L, T, H*D]`` or MLA ``[1, L, T, D]`` layout) or
-from a local transformers model directory and text files.
+``dump`` and ``kv verify`` live in ``kv_dump_cmd``; this module registers every command and runs
+the inventory ones. The store URL is a positional argument (``--url`` is an alias), and options
+and positionals mix in any order.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
 
-from kvstore.cli.common import (
-    EXIT_FAILED, EXIT_USAGE, add_json_argument, add_store_arguments, human_bytes, load_extra_config, print_json,
-    print_table,
-)
+from kvstore.cli.common import EXIT_FAILED, add_json_argument, add_store_arguments, human_bytes, print_json, print_table
+from kvstore.cli.kv_dump_cmd import add_prompt_arguments, cmd_dump, cmd_verify, open_store, progress_bar
 from kvstore.errors import ConfigError
 
 _SIZE_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+URL_HELP = "store URL (s3://..., file:///..., a directory, memory://); '-' or none: remote_url/kvstore_url of -c"
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """Options and positionals in any order (``kv ls URL -l PREFIX``), as ``parse_intermixed_args`` allows."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
 
 
 def register(sub) -> None:
     p = sub.add_parser("dump", help="write prompts' KV caches into a store as LMCache chunks")
     _add_url(p)
-    _add_prompt_arguments(p)
+    add_prompt_arguments(p)
     add_json_argument(p)
-    p.set_defaults(handler=cmd_dump)
+    p.set_defaults(handler=_with_url(cmd_dump))
 
-    kv = sub.add_parser("kv", help="inspect and manage dumped KV chunks").add_subparsers(dest="kv_command", metavar="COMMAND")
+    kv = sub.add_parser("kv", help="inspect and manage dumped KV chunks").add_subparsers(
+        dest="kv_command", metavar="COMMAND", parser_class=IntermixedParser)
     kv.required = True
     p = kv.add_parser("ls", help="list chunks")
     _add_url(p)
     p.add_argument("prefix", nargs="?", default="")
-    p.add_argument("-l", "--long", action="store_true", help="read each chunk's metadata too (token counts; one HEAD each)")
+    p.add_argument("-l", "--long", action="store_true",
+                   help="read each chunk's metadata too (token counts, status, chain index; one HEAD each)")
     add_json_argument(p)
-    p.set_defaults(handler=cmd_ls)
+    p.set_defaults(handler=_with_url(cmd_ls, prefix=True))
 
-    p = kv.add_parser("stat", help="chunks and bytes per model")
+    p = kv.add_parser("stat", help="chunks, bytes, damaged and unreachable chunks per model (one HEAD per chunk)")
     _add_url(p)
     p.add_argument("prefix", nargs="?", default="")
+    p.add_argument("--tmp-older-than", metavar="AGE", default="1h",
+                   help="count the file store's temp files of interrupted writes older than AGE as stale (default 1h)")
     add_json_argument(p)
-    p.set_defaults(handler=cmd_stat)
+    p.set_defaults(handler=_with_url(cmd_stat, prefix=True))
 
     p = kv.add_parser("verify", help="check that every chunk of some prompts is stored, whole and intact")
     _add_url(p)
-    _add_prompt_arguments(p)
+    add_prompt_arguments(p)
     p.add_argument("--no-read", action="store_true", help="check presence and size only, without reading")
     add_json_argument(p)
-    p.set_defaults(handler=cmd_verify)
+    p.set_defaults(handler=_with_url(cmd_verify))
 
-    p = kv.add_parser("gc", help="remove old chunks, oldest first (a dry run unless --delete)")
+    p = kv.add_parser("gc", help="remove damaged and unreachable chunks, then chain tails (a dry run unless --delete)")
     _add_url(p)
-    p.add_argument("--older-than", metavar="AGE", help="remove chunks written longer ago than AGE (90s, 12h, 7d, 2w)")
-    p.add_argument("--max-bytes", metavar="SIZE", help="then remove the oldest until at most SIZE remain (500M, 20GiB)")
+    p.add_argument("--older-than", metavar="AGE", help="remove chunks written longer ago than AGE (90s, 12h, 7d, 2w) "
+                   "that no younger chunk depends on")
+    p.add_argument("--max-bytes", metavar="SIZE", help="then remove chain tails, deepest first, until at most SIZE remain "
+                   "(500M, 20GiB)")
+    p.add_argument("--tmp-older-than", metavar="AGE", default="1h",
+                   help="file store: remove temp files of interrupted writes older than AGE (default 1h; 'never': keep)")
     p.add_argument("--prefix", default="", help="only chunks under this prefix")
     p.add_argument("--delete", action="store_true", help="really delete (default: only report)")
     add_json_argument(p)
-    p.set_defaults(handler=cmd_gc)
+    p.set_defaults(handler=_with_url(cmd_gc))
 
 
 def _add_url(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", help="store URL (s3://..., file:///..., a directory, memory://); or remote_url/kvstore_url of -c")
+    p.add_argument("url", nargs="?", help=URL_HELP)
+    p.add_argument("--url", dest="url_option", metavar="URL", help="the store URL (the same as the positional URL)")
     add_store_arguments(p, url=False)
 
 
-def _add_prompt_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model name as LMCache sees it (part of every chunk key)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", metavar="FILE.safetensors", help="tokens and KV tensors")
-    src.add_argument("--hf-model", metavar="DIR", help="a local transformers model directory (run on CPU)")
-    p.add_argument("--text", metavar="FILE", action="append", default=[], help="a prompt for --hf-model (repeatable)")
-    p.add_argument("--dtype", help="KV dtype (default: the tensors' or the model's)")
-    p.add_argument("--chunk-size", type=int, default=256, help="LMCache chunk_size (default 256)")
-    p.add_argument("--kv-heads", type=int, help="KV heads, for --input (bytes and keys do not depend on it)")
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--worker-id", type=int, default=0)
-    p.add_argument("--full-chunks-only", action="store_true",
-                   help="leave out a short last chunk, as LMCache does unless save_unfull_chunk is set")
+def _with_url(handler, *, prefix: bool = False):
+    """Merge ``--url`` into the positional URL; with ``--url``, a lone positional is the prefix."""
+    def run(args: argparse.Namespace) -> int:
+        if args.url_option is not None:
+            if args.url is not None and prefix and not args.prefix:
+                args.prefix = args.url
+            elif args.url is not None and args.url != args.url_option:
+                raise ConfigError(f"two store URLs given: {args.url_option!r} (--url) and {args.url!r}")
+            args.url = args.url_option
+        if args.url == "-":
+            args.url = None
+        return handler(args)
 
-
-def _open(args: argparse.Namespace):
-    import kvstore
-
-    return kvstore.open(args.url, load_extra_config(args.config, args.set))
-
-
-def _quiet_lmcache(args: argparse.Namespace) -> None:
-    os.environ.setdefault("LMCACHE_LOG_LEVEL", "INFO" if args.verbose > 1 else "ERROR")
-    if os.environ.get("PYTHONHASHSEED") is None:
-        print("kvstore: note: PYTHONHASHSEED is not set. LMCache asks every process sharing a cache to run with "
-              "PYTHONHASHSEED=0; chunk keys of token ids do not depend on it, but export it to be safe.", file=sys.stderr)
-
-
-# -- prompts -----------------------------------------------------------------------------------
-def _prompts(args: argparse.Namespace, *, with_kv: bool):
-    """``(layout, [(name, tokens, kv or None)])`` from --input or --hf-model."""
-    if args.input:
-        return _prompts_from_file(args)
-    return _prompts_from_model(args, with_kv)
-
-
-def _prompts_from_file(args: argparse.Namespace):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from kvstore.kv import KVLayout
-
-    try:
-        tensors = load_file(args.input)
-    except (OSError, SafetensorError) as exc:
-        raise ConfigError(f"cannot read {args.input}: {exc}") from None
-    names = sorted({k[: -len(".tokens")] for k in tensors if k.endswith(".tokens")})
-    pairs = [("", tensors.get("tokens"), tensors.get("kv"))] if "tokens" in tensors else \
-        [(n, tensors[n + ".tokens"], tensors.get(n + ".kv")) for n in names]
-    if not pairs or any(kv is None for _, _, kv in pairs):
-        raise ConfigError(f"{args.input} must hold 'tokens' and 'kv' tensors, or '<name>.tokens' and '<name>.kv' pairs")
-    kv = pairs[0][2]
-    if kv.ndim != 4 or kv.shape[0] not in (1, 2):
-        raise ConfigError(f"'kv' tensors must be [2, L, T, H*D] (or [1, L, T, D] for MLA), got {list(kv.shape)}")
-    heads = args.kv_heads or 1
-    if kv.shape[3] % heads:
-        raise ConfigError(f"--kv-heads {heads} does not divide the hidden size {kv.shape[3]}")
-    layout = KVLayout(kv.shape[1], heads, kv.shape[3] // heads, args.dtype or str(kv.dtype), args.chunk_size,
-                      "KV_2LTD" if kv.shape[0] == 2 else "KV_MLA_FMT")
-    return layout, [(name, t.reshape(-1).tolist(), kv) for name, t, kv in pairs]
-
-
-def _prompts_from_model(args: argparse.Namespace, with_kv: bool):
-    from transformers import AutoConfig
-
-    from kvstore.kv import KVLayout
-
-    if not args.text:
-        raise ConfigError("--hf-model needs at least one --text FILE")
-    config = AutoConfig.from_pretrained(args.hf_model, local_files_only=True)
-    layout = KVLayout.from_hf_config(config, dtype=args.dtype or getattr(config, "torch_dtype", None) or "float32",
-                                     chunk_size=args.chunk_size)
-    encode = _tokenizer(args.hf_model)
-    texts = []
-    for path in args.text:
-        with open(path, encoding="utf-8") as f:
-            texts.append((path, encode(f.read())))
-    if not with_kv:
-        return layout, [(name, ids, None) for name, ids in texts]
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(args.hf_model, local_files_only=True, dtype=layout.torch_dtype).eval()
-    prompts = []
-    for name, ids in texts:
-        with torch.no_grad():
-            prompts.append((name, ids, model(torch.tensor([ids]), use_cache=True).past_key_values))
-    return layout, prompts
-
-
-def _tokenizer(model_dir: str):
-    """The model's own tokenizer; without one, a prompt's UTF-8 bytes are its token ids."""
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        return lambda text: tokenizer(text)["input_ids"]
-    except (OSError, ValueError, TypeError):
-        print(f"kvstore: no tokenizer in {model_dir}: using the text's UTF-8 bytes as token ids", file=sys.stderr)
-        return lambda text: list(text.encode("utf-8"))
-
-
-def _key_args(args: argparse.Namespace) -> dict:
-    return {"model": args.model, "world_size": args.world_size, "worker_id": args.worker_id,
-            "save_unfull_chunk": not args.full_chunks_only}
+    return run
 
 
 # -- commands ----------------------------------------------------------------------------------
-class _ProgressBar:
-    """Chunks, bytes and rate on one self-rewriting stderr line; silent unless stderr is a terminal."""
+def _scan(store, prefix: str, *, with_metadata: bool):
+    """Every chunk under ``prefix``; with metadata, a progress bar while the HEADs run."""
+    from kvstore.kv import scan
 
-    def __init__(self, total_chunks: int) -> None:
-        self.total = total_chunks
-        self.enabled = sys.stderr.isatty()
-        self.started = time.perf_counter()
-        self.base_chunks = self.base_bytes = 0
-
-    def next_prompt(self, report) -> None:
-        self.base_chunks += report.chunks
-        self.base_bytes += report.bytes
-
-    def __call__(self, chunks: int, nbytes: int) -> None:
-        if not self.enabled:
-            return
-        done, written = self.base_chunks + chunks, self.base_bytes + nbytes
-        rate = written / max(time.perf_counter() - self.started, 1e-9)
-        width = 30
-        filled = int(width * done / max(self.total, 1))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} chunks  "
-                         f"{human_bytes(written)}  {human_bytes(rate)}/s ")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
-def cmd_dump(args: argparse.Namespace) -> int:
-    _quiet_lmcache(args)
-    from kvstore.kv import dump, hash_seed
-
-    layout, prompts = _prompts(args, with_kv=True)
-    chunk = layout.chunk_size
-    bar = _ProgressBar(sum(-(-len(t) // chunk) for _, t, _ in prompts))
-    rows = []
-    with _open(args) as store:
-        try:
-            for name, tokens, kv in prompts:
-                report = dump(store, tokens, kv, layout=layout, progress=bar, **_key_args(args))
-                bar.next_prompt(report)
-                rows.append({"prompt": name, "tokens": len(tokens), "written": report.written, "skipped": report.skipped,
-                             "bytes": report.bytes, "seconds": round(report.seconds, 6), "gbps": round(report.gbps, 6)})
-        finally:
-            bar.close()
-    if args.json:
-        print_json({"layout": layout.__dict__, "hash_seed": hash_seed(), "prompts": rows})
-    else:
-        print_table(("prompt", "tokens", "written", "skipped", "bytes", "GB/s"),
-                    [(r["prompt"] or "-", r["tokens"], r["written"], r["skipped"], human_bytes(r["bytes"]),
-                      f"{r['gbps']:.3f}") for r in rows])
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    _quiet_lmcache(args)
-    from kvstore.kv import verify
-
-    layout, prompts = _prompts(args, with_kv=False)
-    results = []
-    with _open(args) as store:
-        for name, tokens, _ in prompts:
-            report = verify(store, tokens, layout=layout, read=not args.no_read, **_key_args(args))
-            results.append((name, len(tokens), report))
-    ok = all(r.ok for _, _, r in results)
-    if args.json:
-        print_json({"ok": ok, "prompts": [{"prompt": n, "tokens": t, "cached_tokens": r.cached_tokens, "counts": r.counts(),
-                                           "problems": [c.__dict__ for c in r.chunks if c.status != "ok"]}
-                                          for n, t, r in results]})
-    else:
-        print_table(("prompt", "tokens", "cached", "chunks"),
-                    [(n or "-", t, r.cached_tokens, " ".join(f"{k}={v}" for k, v in sorted(r.counts().items())))
-                     for n, t, r in results])
-        for _, _, r in results:
-            for c in r.chunks:
-                if c.status != "ok":
-                    print(f"{c.status}: tokens {c.start}-{c.end} {c.name} {c.detail}".rstrip(), file=sys.stderr)
-    return 0 if ok else EXIT_FAILED
+    if not with_metadata:
+        return list(scan(store, prefix))
+    update = progress_bar(0)
+    try:
+        return list(scan(store, prefix, with_metadata=True, progress=update))
+    finally:
+        update.bar.close()
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from kvstore.kv import scan
-
-    with _open(args) as store:
-        chunks = list(scan(store, args.prefix, with_metadata=args.long))
+    with open_store(args) as store:
+        chunks = _scan(store, args.prefix, with_metadata=args.long)
     if args.json:
         print_json([c.__dict__ for c in chunks])
+    elif args.long:
+        print_table(("status", "tokens", "index", "size", "modified", "key"),
+                    [(c.status, _dash(c.tokens), _dash(c.index), c.size, _when(c.last_modified), c.key) for c in chunks])
     else:
-        print_table(("tokens", "size", "modified", "key"),
-                    [("-" if c.tokens is None else c.tokens, c.size, _when(c.last_modified), c.key) for c in chunks])
-    return 0
+        print_table(("size", "modified", "key"), [(c.size, _when(c.last_modified), c.key) for c in chunks])
+    bad = [c for c in chunks if c.status not in (None, "ok")]
+    for c in bad:
+        print(f"{c.status}: {c.key} {c.detail}".rstrip(), file=sys.stderr)
+    return EXIT_FAILED if bad else 0
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
-    from kvstore.kv import scan
+    from kvstore.kv.gc import _Chains, _holes, stale_temp_files
 
+    threshold = parse_age(args.tmp_older_than)
+    with open_store(args) as store:
+        chunks = _scan(store, args.prefix, with_metadata=True)
+        temps = stale_temp_files(store, 0.0)
+    holes = _holes(_Chains(chunks))
     models: dict[tuple, dict] = {}
-    with _open(args) as store:
-        for c in scan(store, args.prefix):
-            m = models.setdefault((c.model, c.world_size, c.worker_id, c.dtype),
-                                  {"chunks": 0, "bytes": 0, "oldest": None, "newest": None})
-            m["chunks"] += 1
-            m["bytes"] += c.size
-            if c.last_modified is not None:
-                m["oldest"] = min(m["oldest"] or c.last_modified, c.last_modified)
-                m["newest"] = max(m["newest"] or c.last_modified, c.last_modified)
+    for c in chunks:
+        m = models.setdefault((c.model, c.world_size, c.worker_id, c.dtype),
+                              {"chunks": 0, "bytes": 0, "damaged": 0, "unreachable": 0, "unchained": 0,
+                               "oldest": None, "newest": None})
+        m["chunks"] += 1
+        m["bytes"] += c.size
+        m["damaged"] += holes.get(c.key) == "damaged"
+        m["unreachable"] += holes.get(c.key) == "orphan"
+        m["unchained"] += not c.chained
+        if c.last_modified is not None:
+            m["oldest"] = min(m["oldest"] or c.last_modified, c.last_modified)
+            m["newest"] = max(m["newest"] or c.last_modified, c.last_modified)
     rows = [{"model": k[0], "world_size": k[1], "worker_id": k[2], "dtype": k[3], **v} for k, v in sorted(models.items())]
+    temp = None if temps is None else {
+        "files": len(temps), "bytes": sum(s for _, s, _ in temps),
+        "stale_files": sum(a > threshold for _, _, a in temps), "stale_bytes": sum(s for _, s, a in temps if a > threshold)}
     if args.json:
-        print_json(rows)
+        print_json({"models": rows, "temp_files": temp,
+                    "problems": [{"key": c.key, "status": c.status, "detail": c.detail} for c in chunks if c.status != "ok"]})
     else:
-        print_table(("model", "rank", "dtype", "chunks", "bytes", "newest"),
-                    [(r["model"], f"{r['worker_id']}/{r['world_size']}", r["dtype"], r["chunks"],
-                      human_bytes(r["bytes"]), _when(r["newest"])) for r in rows])
-    return 0
+        print_table(("model", "rank", "dtype", "chunks", "bytes", "damaged", "unreachable", "newest"),
+                    [(r["model"], f"{r['worker_id']}/{r['world_size']}", r["dtype"], r["chunks"], human_bytes(r["bytes"]),
+                      r["damaged"], r["unreachable"], _when(r["newest"])) for r in rows])
+        if temp is not None:
+            print(f"temp files of interrupted writes: {temp['files']} ({human_bytes(temp['bytes'])}), "
+                  f"{temp['stale_files']} older than {args.tmp_older_than} ({human_bytes(temp['stale_bytes'])}): "
+                  "kvstore kv gc --delete removes those")
+        for c in chunks:
+            if c.status != "ok":
+                print(f"{c.status}: {c.key} {c.detail}".rstrip(), file=sys.stderr)
+    return EXIT_FAILED if any(c.status != "ok" for c in chunks) else 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from kvstore.kv import gc
 
-    if args.older_than is None and args.max_bytes is None:
-        print("kvstore kv gc: give --older-than and/or --max-bytes", file=sys.stderr)
-        return EXIT_USAGE
-    with _open(args) as store:
-        report = gc(store, older_than=None if args.older_than is None else parse_age(args.older_than),
-                    max_bytes=None if args.max_bytes is None else parse_size(args.max_bytes),
-                    prefix=args.prefix, dry_run=not args.delete)
+    older = None if args.older_than is None else parse_age(args.older_than)
+    max_bytes = None if args.max_bytes is None else parse_size(args.max_bytes)
+    tmp = None if args.tmp_older_than.strip().lower() == "never" else parse_age(args.tmp_older_than)
+    update = progress_bar(0)
+    with open_store(args) as store:
+        try:
+            report = gc(store, older_than=older, max_bytes=max_bytes, prefix=args.prefix, dry_run=not args.delete,
+                        tmp_older_than=tmp, progress=update)
+        finally:
+            update.bar.close()
     if args.json:
-        print_json({"dry_run": report.dry_run, "removed": [c.key for c in report.removed],
-                    "removed_bytes": report.removed_bytes, "kept": report.kept, "kept_bytes": report.kept_bytes})
-    else:
-        verb = "would remove" if report.dry_run else "removed"
-        for c in report.removed:
-            print(f"{verb} {c.key}")
-        print(f"{verb} {len(report.removed)} chunks ({human_bytes(report.removed_bytes)}); "
-              f"{report.kept} chunks ({human_bytes(report.kept_bytes)}) kept" + ("; run with --delete to remove" if report.dry_run else ""))
+        print_json({"dry_run": report.dry_run, "removed": [c.key for c in report.removed], "reasons": report.reasons,
+                    "removed_bytes": report.removed_bytes, "kept": report.kept, "kept_bytes": report.kept_bytes,
+                    "unchained": report.unchained, "temp_files": report.temp_files, "temp_bytes": report.temp_bytes})
+        return 0
+    verb = "would remove" if report.dry_run else "removed"
+    for c in report.removed:
+        print(f"{verb} {c.key} ({report.reasons[c.key]})")
+    counts = {}
+    for reason in report.reasons.values():
+        counts[reason] = counts.get(reason, 0) + 1
+    why = ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
+    print(f"{verb} {len(report.removed)} chunks ({human_bytes(report.removed_bytes)}{'; ' + why if why else ''}); "
+          f"{report.kept} chunks ({human_bytes(report.kept_bytes)}) kept"
+          + (f"; {verb} {report.temp_files} temp files ({human_bytes(report.temp_bytes)})" if report.temp_files else "")
+          + ("; run with --delete to remove" if report.dry_run else ""))
+    if report.unchained:
+        print(f"kvstore kv gc: note: {report.unchained} chunks carry no chain metadata (written by another tool): "
+              "they were removed only after every chained tail, newest first", file=sys.stderr)
     return 0
 
 
@@ -335,6 +233,10 @@ def parse_age(text: str) -> float:
         return float(m.group(1)) * _AGE_UNITS[m.group(2) or "s"]
     except ValueError:
         raise ConfigError(f"not an age: {text!r} (e.g. 90s, 12h, 7d)") from None
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
 
 
 def _when(ts: float | None) -> str:

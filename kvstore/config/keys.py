@@ -14,6 +14,10 @@ from typing import Any, Callable
 
 from kvstore.errors import ConfigError
 
+# LMCache's documented CoreWeave config asks for 320; far above that only costs OS threads (2,000
+# asked made 4,013), so a bigger value is a typo or a misunderstanding, not a tuning.
+MAX_IO_THREADS = 512
+
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -93,6 +97,31 @@ def redact_url(url: str) -> str:
     return f"{scheme}***@{tail}"
 
 
+def _url_error(name: str, shape: str, text: str) -> ValueError:
+    return ValueError(f"{name}: expected {shape}, got {redact_url(text)!r}")
+
+
+def parse_endpoint_url(value: Any, name: str = "s3_endpoint_url") -> str:
+    """``scheme://host[:port]`` of a self-hosted S3 endpoint; userinfo is refused like in store URLs."""
+    from urllib.parse import urlsplit
+
+    text = parse_str(value).strip()
+    if "@" in text:
+        # A password in an endpoint ends up in logs and generated configs: refuse it, as in s3:// URLs.
+        raise ValueError(f"{name}: credentials in the endpoint URL are not accepted ({redact_url(text)!r}): "
+                         f"use aws_access_key_id / aws_secret_access_key")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise _url_error(name, "http(s)://host[:port] with a port between 0 and 65535", text) from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise _url_error(name, "http(s)://host[:port]", text)
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise _url_error(name, "http(s)://host[:port] without a path (put the bucket in the URL)", text)
+    return text
+
+
 def parse_proxy_url(value: Any) -> str:
     from urllib.parse import urlsplit
 
@@ -136,7 +165,7 @@ class Key:
 KEYS: tuple[Key, ...] = (
     # LMCache's S3 backend, current generation (s3_adapter.py, docs since Nov 2025).
     Key("s3_region", "region", parse_str, "Region to sign requests for. Taken from the host when the URL names one.", "str", "lmcache"),
-    Key("s3_num_io_threads", "io_threads", parse_int, "Event-loop threads of the CRT client (0: one per CPU, between 4 and 16; see docs/benchmarks.md).", "int", "lmcache"),
+    Key("s3_num_io_threads", "io_threads", parse_int, f"Event-loop threads of the CRT client (0: one per CPU, between 4 and 16; at most {MAX_IO_THREADS}; see docs/benchmarks.md).", "int", "lmcache"),
     Key("s3_prefer_http2", "prefer_http2", parse_bool, "Offer HTTP/2 through ALPN (TLS only).", "bool", "lmcache"),
     Key("s3_enable_s3express", "s3express", parse_bool, "Sign with S3 Express sessions (CreateSession).", "bool", "lmcache"),
     Key("disable_tls", "tls", parse_bool, "Plain HTTP instead of HTTPS (stored inverted as `tls`).", "bool", "lmcache"),
@@ -155,7 +184,7 @@ KEYS: tuple[Key, ...] = (
     Key("kvstore_url", None, parse_str, "The store URL when it travels inside extra_config (LMCache plugins).", "str", "kvstore"),
     Key("kvstore_profile", "profile", choice("aws", "s3express", "coreweave", "minio", "s3", "file", "memory", "fsspec"), "Force a profile instead of detecting it from the URL.", "str", "kvstore"),
     Key("kvstore_backend", "backend", choice("crt", "obstore", "fsspec", "file", "memory"), "Force a backend instead of the profile's default.", "str", "kvstore"),
-    Key("s3_endpoint_url", "endpoint", parse_str, "Full scheme://host[:port] to connect to (self-hosted S3).", "str", "kvstore"),
+    Key("s3_endpoint_url", "endpoint", parse_endpoint_url, "Full http(s)://host[:port] to connect to (self-hosted S3); no user:password. `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` set it from the environment.", "str", "kvstore"),
     Key("s3_addressing_style", "addressing", choice("virtual", "path"), "Virtual-hosted (bucket in the host) or path-style requests.", "str", "kvstore"),
     Key("s3_ca_bundle", "ca_bundle", parse_str, "PEM file of CA certificates to trust for TLS.", "str", "kvstore"),
     Key("s3_proxy_url", "proxy_url", parse_proxy_url, "HTTP(S) proxy for every request: http://[user:password@]host:port (obstore and fsspec backends; awscrt's S3 client has no proxy support).", "str", "kvstore"),
@@ -181,31 +210,110 @@ FOREIGN_PREFIXES = ("remote_storage_plugin.", "storage_plugin.", "l2_adapter.", 
 OWN_PREFIXES = ("s3_", "kvstore_", "aws_")
 
 
+# Store settings as boto3, obstore, s3fs and MinIO spell them. Ignoring one would send the data
+# somewhere else (``endpoint`` ignored means AWS), so each is an error that names kvstore's key.
+FOREIGN_KEYS: dict[str, str] = {
+    **dict.fromkeys(("endpoint", "endpoint_url", "aws_endpoint", "aws_endpoint_url", "aws_endpoint_url_s3",
+                     "s3_endpoint_uri", "host", "client_kwargs"), "s3_endpoint_url"),
+    **dict.fromkeys(("access_key", "access_key_id", "aws_access_key", "key"), "aws_access_key_id"),
+    **dict.fromkeys(("secret_key", "secret_access_key", "aws_secret_key", "secret"), "aws_secret_access_key"),
+    **dict.fromkeys(("session_token", "token", "aws_token", "security_token", "aws_security_token"), "aws_session_token"),
+    **dict.fromkeys(("region", "region_name", "aws_region", "aws_default_region", "s3_region_name"), "s3_region"),
+    **dict.fromkeys(("bucket", "bucket_name", "aws_bucket", "aws_bucket_name", "s3_bucket", "prefix", "s3_prefix",
+                     "url", "remote_url"), "kvstore_url"),
+    **dict.fromkeys(("secure", "use_ssl", "allow_http", "aws_allow_http", "s3_use_ssl"), "disable_tls"),
+    **dict.fromkeys(("addressing_style", "force_path_style", "s3_force_path_style", "virtual_hosted_style_request",
+                     "aws_virtual_hosted_style_request", "s3_virtual_hosting"), "s3_addressing_style"),
+    **dict.fromkeys(("proxy", "proxy_url", "proxies", "aws_proxy_url", "https_proxy", "http_proxy"), "s3_proxy_url"),
+    **dict.fromkeys(("verify", "ca_bundle", "aws_ca_bundle"), "s3_ca_bundle"),
+    **dict.fromkeys(("profile", "profile_name"), "aws_profile"),
+    **dict.fromkeys(("s3_express", "aws_s3_express"), "s3_enable_s3express"),
+}
+_FOREIGN_HINTS = {
+    "s3_endpoint_url": "use s3_endpoint_url: http(s)://host[:port], or host:port in the URL (s3://host:port/bucket)",
+    "kvstore_url": "the bucket and prefix belong in the store URL, s3://BUCKET/PREFIX (remote_url or kvstore_url)",
+    "disable_tls": "use disable_tls: true for plain HTTP, or an http:// endpoint",
+    "s3_addressing_style": "use s3_addressing_style: path or virtual",
+    "aws_profile": "use aws_profile for a profile of the shared AWS config files, kvstore_profile for the kind of store",
+}
+
+
 def is_secret(name: str, value: Any) -> bool:
     """Whether this extra_config entry must never be written out: a secret key, or a URL with a password."""
     key = BY_NAME.get(name)
     if key is not None and key.secret:
         return True
-    return name == "s3_proxy_url" and isinstance(value, str) and "@" in value
+    target = FOREIGN_KEYS.get(name)
+    if target is not None and BY_NAME[target].secret:
+        return True
+    return isinstance(value, str) and "@" in value and ("url" in name or "endpoint" in name or "proxy" in name)
+
+
+def _distance(a: str, b: str) -> int:
+    """Edit distance counting a swap of two neighbours as one edit (the commonest typo)."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
 
 
 def suggest(name: str) -> str | None:
-    """The nearest known key to a misspelt one."""
-    matches = difflib.get_close_matches(name, list(BY_NAME), n=1, cutoff=0.6)
+    """The known key a misspelt one most likely meant; None when no key is plausibly meant."""
+    if name in FOREIGN_KEYS:
+        return FOREIGN_KEYS[name]
+    matches = difflib.get_close_matches(name, list(BY_NAME), n=3, cutoff=0.6)
+    # Nearest by edits first: difflib alone calls storage_backend close to kvstore_backend.
+    matches.sort(key=lambda m: _distance(name, m))
     return matches[0] if matches else None
 
 
-def classify(name: str) -> Key | None:
+def _is_typo(name: str, near: str) -> bool:
+    """A few edits away, or the known key with a few letters added or cut (s3_regionn, save_chunk_metadata)."""
+    if _distance(name, near) <= max(1, min(2, len(near) // 5)):
+        return True
+    return (name.startswith(near) or near.startswith(name)) and difflib.SequenceMatcher(None, name, near).ratio() >= 0.85
+
+
+def _port_block_hint(value: Any) -> str:
+    """What to write instead of an LMCache fork's ``storage_backend: {connector: {...}}`` block."""
+    connector = value.get("connector") if isinstance(value, dict) else None
+    connector = connector if isinstance(connector, dict) else {}
+    bucket = str(connector.get("bucket") or "BUCKET")
+    prefix = str(connector.get("prefix") or "").strip("/")
+    url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+    region = connector.get("region")
+    extra = f" and extra_config: {{s3_region: {region}}}" if region else ""
+    return f"remote_url: {url}{extra}"
+
+
+def classify(name: str, value: Any = None) -> Key | None:
     """The Key for ``name``; None for a foreign key to ignore; ConfigError for a mistake."""
     if not isinstance(name, str):
-        raise ConfigError(f"extra_config keys must be strings, got {name!r}")
+        raise ConfigError(f"extra_config keys must be strings, got {type(name).__name__}")
     key = BY_NAME.get(name)
     if key is not None:
         return key
     if name.startswith(FOREIGN_PREFIXES):
         return None
+    if name in FOREIGN_KEYS:
+        target = FOREIGN_KEYS[name]
+        hint = _FOREIGN_HINTS.get(target, f"use {target}")
+        raise ConfigError(f"extra_config key {name!r} is another tool's spelling (boto3, obstore, s3fs, MinIO) that "
+                          f"kvstore does not read: {hint}", key=name, suggestion=target)
+    if name == "storage_backend":
+        error = ConfigError(f"'storage_backend' is a connector block of an LMCache fork that neither LMCache's S3 "
+                            f"backend nor kvstore reads; write {_port_block_hint(value)}", key=name)
+        error.suggestion = "remote_url"
+        raise error
     near = suggest(name)
-    close = near is not None and difflib.SequenceMatcher(None, name, near).ratio() >= 0.85
-    if name.startswith(OWN_PREFIXES) or close:
+    if name.startswith(OWN_PREFIXES):
+        raise ConfigError(f"unknown extra_config key {name!r}", key=name, suggestion=near)
+    if near is not None and _is_typo(name, near):
         raise ConfigError(f"unknown extra_config key {name!r}", key=name, suggestion=near)
     return None

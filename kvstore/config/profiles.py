@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
+from kvstore.config.keys import redact_url
 from kvstore.errors import ConfigError
 
 MiB = 1024 * 1024
@@ -114,21 +115,19 @@ def _split_path(path: str) -> tuple[str, str]:
     return parts[0], "/".join(parts[1:])
 
 
-def _check_port(parts) -> int | None:
+def _authority(parts, url: str) -> tuple[str, int | None]:
+    # userinfo would carry secrets inside a URL that ends up in logs: refuse it outright, before
+    # anything else can quote it. An "@" in the bucket part means a password with an unencoded "/".
+    if "@" in parts.netloc or (":" in parts.netloc and "@" in parts.path.lstrip("/").split("/", 1)[0]):
+        raise ConfigError(f"credentials in the URL are not accepted ({redact_url(url)!r}): use aws_access_key_id / "
+                          f"aws_secret_access_key")
     try:
-        return parts.port
+        port = parts.port
     except ValueError:
-        raise ConfigError(f"invalid port in {parts.netloc!r}") from None
-
-
-def _authority(parts) -> tuple[str, int | None]:
+        raise ConfigError(f"invalid port in {url!r}: expected a number between 0 and 65535") from None
     host = (parts.hostname or "").lower()
-    port = _check_port(parts)
-    if parts.username or parts.password:
-        # userinfo would carry secrets inside a URL that ends up in logs: refuse it outright.
-        raise ConfigError("credentials in the URL are not accepted: use aws_access_key_id / aws_secret_access_key")
     if not host:
-        raise ConfigError(f"no host or bucket in {parts.geturl()!r}")
+        raise ConfigError(f"no host or bucket in {url!r}")
     return host, port
 
 
@@ -139,7 +138,7 @@ def _hostport(host: str, port: int | None) -> str:
 
 def _detect_s3(url: str) -> Detected:
     parts = urlsplit(url)
-    host, port = _authority(parts)
+    host, port = _authority(parts, url)
     path_bucket, path_rest = _split_path(parts.path)
     prefix_only = unquote(parts.path).strip("/")
 
@@ -189,7 +188,7 @@ def _is_ip(host: str) -> bool:
 
 def _detect_http(url: str) -> Detected:
     parts = urlsplit(url)
-    host, port = _authority(parts)
+    host, port = _authority(parts, url)
     scheme = parts.scheme.lower()
     tls = scheme in ("https", "minios")
     aws = _detect_s3(url) if host.endswith((".amazonaws.com", ".cwlota.com", ".cwobject.com")) else None
@@ -230,6 +229,39 @@ def _scheme(url: str) -> str:
     return match.group(1).lower() if match else ""
 
 
+_OWN_SCHEMES = ("s3", "s3a", "http", "https", "minio", "minios", "memory", "file")
+# fsspec protocols kvstore can hand on; used when fsspec itself is not installed.
+_FSSPEC_FALLBACK = ("gs", "gcs", "az", "abfs", "abfss", "adl", "hdfs", "webhdfs", "oci", "oss", "sftp", "ftp", "smb", "hf")
+
+
+def _fsspec_protocols() -> frozenset[str]:
+    try:
+        from fsspec.registry import known_implementations, registry
+    except ImportError:
+        return frozenset(_FSSPEC_FALLBACK)
+    return frozenset(known_implementations) | frozenset(registry)
+
+
+def _check_shape(url: str) -> None:
+    """Refuse what looks like a URL with its ``://`` mangled, before it is taken for a relative path."""
+    scheme = _scheme(url)
+    if scheme:
+        if scheme not in _OWN_SCHEMES and scheme not in _fsspec_protocols():
+            raise ConfigError(f"unknown URL scheme {scheme!r} in {url!r}: expected s3://, http(s)://, minio://, "
+                              f"file:///, memory:// or an fsspec protocol")
+        return
+    if match := re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):(?!//)", url):
+        name = match.group(1).lower()
+        if name == "file":
+            raise ConfigError(f"file URLs need an absolute path, file:///abs/dir, got {url!r} (or give a plain path)")
+        raise ConfigError(f"malformed URL {url!r}: expected {name}://{url[len(name) + 1:].lstrip('/')} "
+                          f"(or ./{url} for a directory of that name)")
+    first = url.split("/", 1)[0].lower()
+    if first in _OWN_SCHEMES and url[len(first):].startswith("//"):
+        raise ConfigError(f"malformed URL {url!r}: expected {first}:{url[len(first):]} "
+                          f"(or ./{url} for a directory of that name)")
+
+
 RULES: tuple[tuple[str, Callable[[str], bool], Callable[[str], Detected]], ...] = (
     ("s3:// and s3a:// URLs (AWS, S3 Express, CoreWeave, host:port)", lambda u: _scheme(u) in ("s3", "s3a"), _detect_s3),
     ("http(s):// and minio(s):// endpoints with /BUCKET in the path", lambda u: _scheme(u) in ("http", "https", "minio", "minios"), _detect_http),
@@ -242,10 +274,25 @@ RULES: tuple[tuple[str, Callable[[str], bool], Callable[[str], Detected]], ...] 
 def detect(url: str) -> Detected:
     """Apply the first matching rule of ``RULES`` to ``url``."""
     if not isinstance(url, str) or not url.strip():
-        raise ConfigError(f"a store URL is required, got {url!r}")
+        raise ConfigError(f"a store URL is required, got {url!r}" if isinstance(url, str) or url is None
+                          else f"a store URL must be a string, got {type(url).__name__}")
     url = url.strip()
+    try:
+        return _detect_checked(url)
+    except ConfigError as exc:
+        if "@" not in url:
+            raise
+        error = exc
+    # The messages quote the URL; a password in it (user:pw@, or a slip) is never shown. Raised
+    # outside the handler, the new error keeps no link to the unredacted one.
+    shown = redact_url(url)
+    raise ConfigError(str(error).replace(repr(url), repr(shown)).replace(url, shown), key=error.key)
+
+
+def _detect_checked(url: str) -> Detected:
     if any(ord(c) < 32 for c in url):
         raise ConfigError(f"control characters in URL {url!r}")
+    _check_shape(url)
     for _, matches, rule in RULES:
         if matches(url):
             try:

@@ -205,7 +205,7 @@ def _parse_extra(extra_config: Mapping | None) -> tuple[dict[str, Any], tuple[st
     parsed: dict[str, Any] = {}
     ignored = []
     for name, raw in extra_config.items():
-        key = K.classify(name)
+        key = K.classify(name, raw)
         if key is None:
             ignored.append(str(name))
             continue
@@ -213,8 +213,14 @@ def _parse_extra(extra_config: Mapping | None) -> tuple[dict[str, Any], tuple[st
             continue
         try:
             parsed[name] = key.parse(raw)
+            continue
         except ValueError as exc:
-            raise ConfigError(f"extra_config[{name!r}]: {exc}", key=name) from None
+            if not key.secret:
+                raise ConfigError(f"extra_config[{name!r}]: {exc}", key=name) from None
+        # The parsers quote what they got, and a mistyped secret is still a secret: raised here,
+        # outside the handler, the error keeps no trace of the parser's message.
+        raise ConfigError(f"extra_config[{name!r}]: expected a {key.kind}, got a {type(raw).__name__} (value not shown)",
+                          key=name)
     return parsed, tuple(sorted(ignored))
 
 
@@ -226,11 +232,13 @@ def _url_from(url: str | None, extra: dict[str, Any]) -> tuple[Detected, str]:
         raise ConfigError("a store URL is required (the url argument, kvstore_url or s3_endpoint)")
     detected = [(src, detect_endpoint_host(v) if src.endswith("s3_endpoint") else detect(v)) for src, v in given]
     first_src, first = detected[0]
+    shown = dict((src, K.redact_url(str(v))) for src, v in given)
     for src, other in detected[1:]:
         if (other.profile, other.bucket, other.prefix, other.endpoint, other.location) != (
             first.profile, first.bucket, first.prefix, first.endpoint, first.location
         ):
-            raise ConfigError(f"{src} names another store than {first_src}", key=src.partition(":")[2])
+            raise ConfigError(f"{src} ({shown[src]}) names another store than {first_src} ({shown[first_src]}): "
+                              f"give one of them", key=src.partition(":")[2])
     return first, first_src
 
 
@@ -258,9 +266,13 @@ def resolve(url: str | None, extra_config: Mapping | None = None, *, env: Mappin
     if "s3_endpoint_url" in extra:
         _apply_endpoint_url(b, extra["s3_endpoint_url"], "extra_config:s3_endpoint_url", detected)
     elif "endpoint" not in b.values and PROFILES[profile_name].is_s3:
-        env_endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        env_name, env_endpoint = _env_endpoint(env)
         if env_endpoint:
-            _apply_endpoint_url(b, env_endpoint, "env:AWS_ENDPOINT_URL", detected)
+            try:
+                checked = K.parse_endpoint_url(env_endpoint, env_name)
+            except ValueError as exc:
+                raise ConfigError(str(exc), key=env_name) from None
+            _apply_endpoint_url(b, checked, f"env:{env_name}", detected)
     profile = PROFILES[b.values["profile"]]
 
     for name, value in extra.items():
@@ -294,16 +306,22 @@ def resolve(url: str | None, extra_config: Mapping | None = None, *, env: Mappin
     return StoreConfig(**b.values, sources=MappingProxyType(dict(b.sources)))
 
 
+def _env_endpoint(env: Mapping[str, str]) -> tuple[str, str | None]:
+    """The AWS SDKs' endpoint variables: the S3-specific one first; none when the SDKs are told to ignore them."""
+    if env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() == "true":
+        return "", None
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if env.get(name, "").strip():
+            return name, env[name]
+    return "", None
+
+
 def _apply_endpoint_url(b: _Builder, endpoint_url: str, source: str, detected: Detected) -> None:
+    """``endpoint_url`` has passed ``keys.parse_endpoint_url``."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(endpoint_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{source.partition(':')[2]} must be http(s)://host[:port], got {endpoint_url!r}",
-                          key=source.partition(":")[2])
-    if parts.path.strip("/"):
-        raise ConfigError(f"{source.partition(':')[2]} must not have a path (put the bucket in the URL): {endpoint_url!r}",
-                          key=source.partition(":")[2])
+    parts = parts._replace(scheme=parts.scheme.lower())
     if "endpoint" in b.values and b.values["endpoint"] != parts.netloc.lower():
         raise ConfigError(f"the URL names host {b.values['endpoint']!r} but {source} names {endpoint_url!r}",
                           key=source.partition(":")[2])
@@ -343,11 +361,8 @@ def _apply_profile_defaults(b: _Builder, profile) -> None:
     b.default("s3express", profile.name == "s3express", src)
     b.default("prefer_http2", profile.prefer_http2, src)
     bucket = b.values.get("bucket", "")
-    if profile.name == "s3express" and "region" not in b.values:
-        zone = express_zone(bucket)
-        region = AZ_REGIONS.get(zone.rsplit("-", 1)[0]) if zone else None
-        if region:
-            b.default("region", region, "url:availability zone")
+    if profile.name == "s3express":
+        _express_region(b, bucket)
     if profile.name in ("aws", "s3express") and "region" not in b.values:
         raise ConfigError(f"s3_region is required for {profile.name} bucket {bucket!r} (or put it in the host, "
                           f"or set AWS_REGION)", key="s3_region")
@@ -355,6 +370,22 @@ def _apply_profile_defaults(b: _Builder, profile) -> None:
     if "endpoint" not in b.values:
         b.default("endpoint", _default_host(profile.name, bucket, b.values["region"]), src)
     b.sources["base_endpoint"] = b.sources["endpoint"]
+
+
+def _express_region(b: _Builder, bucket: str) -> None:
+    """The region a directory bucket's zone belongs to: a default, and a conflict with any other."""
+    zone = express_zone(bucket)
+    zone_region = AZ_REGIONS.get(zone.rsplit("-", 1)[0]) if zone else None
+    if zone_region is None:
+        return
+    region, source = b.values.get("region"), b.sources.get("region", "")
+    if region is None or source.startswith("env:"):
+        # The zone is part of the URL, and the URL outranks the environment.
+        b.values["region"] = zone_region
+        b.sources["region"] = "url:availability zone"
+    elif region != zone_region:
+        raise ConfigError(f"S3 Express bucket {bucket!r} is in zone {zone} of {zone_region}, but the region is "
+                          f"{region!r} ({source})", key=source.partition(":")[2] or "s3_region")
 
 
 def _default_host(profile: str, bucket: str, region: str) -> str:
@@ -399,7 +430,10 @@ def _validate(values: dict[str, Any], profile) -> None:
     if backend not in allowed:
         raise ConfigError(f"backend {backend!r} cannot serve the {profile.name} profile (use one of {', '.join(allowed)})",
                           key="kvstore_backend")
-    for name, low in (("io_threads", 0), ("max_inflight", 1), ("max_retries", 0), ("breaker_threshold", 0)):
+    if not 0 <= values["io_threads"] <= K.MAX_IO_THREADS:
+        raise ConfigError(f"s3_num_io_threads must be between 0 (one per CPU) and {K.MAX_IO_THREADS}, got "
+                          f"{values['io_threads']}", key="s3_num_io_threads")
+    for name, low in (("max_inflight", 1), ("max_retries", 0), ("breaker_threshold", 0)):
         if values[name] < low or values[name] > 100_000:
             raise ConfigError(f"{name} must be between {low} and 100000, got {values[name]}", key=name)
     for name in ("timeout_s", "connect_timeout_s", "breaker_reset_s"):

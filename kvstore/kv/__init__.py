@@ -3,11 +3,13 @@
 ``dump`` splits a prompt's KV cache into LMCache chunks, names each with the key the installed
 LMCache computes for the same tokens, and writes its exact bytes; ``load`` / ``load_chunks``
 read the longest cached prefix back, ``verify`` checks it, ``scan`` and ``gc`` manage what a
-store holds. torch and lmcache are imported only when these run.
+store holds (``gc`` never cuts a prompt's chain of chunks in the middle). torch and lmcache are
+imported only when these run.
 """
 
 from kvstore.kv.dump import DumpReport, dump
-from kvstore.kv.inventory import ChunkInfo, GCReport, gc, parse_chunk_name, scan
+from kvstore.kv.gc import GCReport, gc
+from kvstore.kv.inventory import ChunkInfo, parse_chunk_name, scan
 from kvstore.kv.keys import ChunkKey, chunk_keys, hash_seed
 from kvstore.kv.layout import KVLayout, chunk_metadata
 from kvstore.kv.load import ChunkCheck, VerifyReport, load, load_chunks, verify

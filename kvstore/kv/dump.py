@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from kvstore.errors import ConfigError
+from kvstore.errors import BucketNotFound, ConfigError
+from kvstore.kv.concurrency import parallel_map
 from kvstore.kv.keys import chunk_keys
 from kvstore.kv.layout import KVLayout, chunk_metadata
 from kvstore.kv.tensors import chunk_source
@@ -42,22 +43,29 @@ class DumpReport:
 def dump(
     store: Any, tokens: Sequence[int] | Any, kv: Any, *, model: str, layout: KVLayout, world_size: int = 1,
     worker_id: int = 0, save_unfull_chunk: bool = True, batch_chunks: int | None = None, progress: Progress | None = None,
+    engine_config: Any = None,
 ) -> DumpReport:
     """Store the KV cache ``kv`` of ``tokens`` as LMCache chunks; see ``kvstore.kv.tensors`` for ``kv``'s forms.
 
     Each chunk's key is the one the installed LMCache computes for the same tokens and model;
     its bytes are LMCache's chunk tensor, with shape, dtype, format and token count as
-    metadata. ``batch_chunks`` (default: twice the store's ``max_inflight``) bounds how many
-    chunk copies exist at once.
+    metadata, and its place in the prompt's chain (``lmcache-chunk-index``, ``lmcache-prev``)
+    for ``gc``. ``batch_chunks`` (default: twice the store's ``max_inflight``) bounds how many
+    chunk copies exist at once; ``engine_config`` is the reading engine's ``LMCacheEngineConfig``.
     """
     source = chunk_source(kv, layout)
     num_tokens = len(tokens)
     if source.num_tokens != num_tokens:
         raise ConfigError(f"the KV cache covers {source.num_tokens} tokens but {num_tokens} tokens were given")
     chunks = chunk_keys(tokens, model=model, layout=layout, world_size=world_size, worker_id=worker_id,
-                        save_unfull_chunk=save_unfull_chunk, key_layout=store.config.key_layout)
+                        save_unfull_chunk=save_unfull_chunk, key_layout=store.config.key_layout,
+                        engine_config=engine_config)
     started = time.perf_counter()  # keys are computed: from here on it is copies and writes
-    present = store.exists_many([c.name for c in chunks])
+    try:
+        present = store.exists_many([c.name for c in chunks])
+    except BucketNotFound:
+        # A file store's root is made by its first put; anywhere else that put fails just as loudly.
+        present = [False] * len(chunks)
     todo = [c for c, there in zip(chunks, present) if not there]
     skipped = len(chunks) - len(todo)
     batch = batch_chunks or 2 * store.config.max_inflight
@@ -65,15 +73,11 @@ def dump(
     if progress:
         progress(skipped, 0)
     for i in range(0, len(todo), batch):
-        group = todo[i:i + batch]
-        # Full chunks share one metadata; a short last chunk has its own token count.
-        by_size: dict[int, list] = {}
-        for c in group:
-            by_size.setdefault(c.num_tokens, []).append((c.name, source.chunk(c.start, c.end)))
-        for size, items in by_size.items():
-            store.put_many(items, chunk_metadata(layout, size))
-            written += len(items)
-            nbytes += len(items) * layout.chunk_bytes(size)
+        group = [(c, source.chunk(c.start, c.end)) for c in todo[i:i + batch]]
+        parallel_map(store, lambda item: store.put(item[0].name, item[1], {
+            **chunk_metadata(layout, item[0].num_tokens), **item[0].chain_metadata}), group)
+        written += len(group)
+        nbytes += sum(layout.chunk_bytes(c.num_tokens) for c, _ in group)
         if progress:
             progress(skipped + written, nbytes)
     return DumpReport(written, skipped, nbytes, time.perf_counter() - started)

@@ -1,21 +1,29 @@
-"""``scan`` and ``gc``: what chunks a store holds, and removing the oldest of them."""
+"""``scan``: what chunks a store holds, and (with their metadata) what state each is in."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
+from kvstore.errors import IntegrityError
 from kvstore.kv.concurrency import parallel_map
-from kvstore.lmcache.naming import META_TOKENS
+from kvstore.lmcache.naming import META_CHUNK_INDEX, META_DTYPES, META_PREV, META_SHAPES, META_TOKENS
+
+# Item sizes of the dtypes ``lmcache-dtypes`` names (torch spelling), to check a chunk's size without torch.
+_ITEM_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "uint8": 1, "int8": 1,
+               "float8_e4m3fn": 1, "float8_e5m2": 1}
+Progress = Callable[[int, int], None]  # (how many more chunks were looked at, how many there are)
 
 
 @dataclass(frozen=True)
 class ChunkInfo:
     """A stored chunk, its name parsed as LMCache's ``model@world_size@worker_id@hash@dtype[@tags]``.
 
-    ``model`` is as it appears in the name (``/`` replaced by ``_``); ``tokens`` comes from the
-    chunk's metadata: None unless scanned ``with_metadata``, and for chunks LMCache wrote itself.
+    ``model`` is as it appears in the name (``/`` replaced by ``_``). The fields after
+    ``last_modified`` come from the chunk's metadata, so they are None unless scanned
+    ``with_metadata``: ``tokens``, ``status`` (``ok``, ``wrong-size``: its size is not what its
+    layout needs, ``corrupt``: the store reports it damaged), ``index`` and ``prev`` (its place in
+    its prompt's chain, when the writer recorded it: ``kv dump`` and the kvstore LMCache adapter do).
     """
 
     key: str
@@ -27,65 +35,98 @@ class ChunkInfo:
     size: int
     tokens: int | None
     last_modified: float | None
+    status: str | None = None
+    detail: str = ""
+    index: int | None = None
+    prev: str | None = None
+    tags: str = ""
+
+    @property
+    def family(self) -> tuple:
+        """Chunks of one chain share all of their key but the hash."""
+        return self.model, self.world_size, self.worker_id, self.dtype, self.tags
+
+    @property
+    def chained(self) -> bool:
+        """Whether the writer recorded where this chunk sits in its chain."""
+        return self.index is not None or self.prev is not None
 
 
 def parse_chunk_name(name: str) -> tuple[str, int, int, str, str] | None:
     """``(model, world_size, worker_id, chunk_hash, dtype)`` of an LMCache chunk object name, or None."""
-    base = name.rsplit("/", 1)[-1]
-    parts = base.split("@")
+    parts = _parts(name)
+    return None if parts is None else parts[:5]
+
+
+def _parts(name: str) -> tuple[str, int, int, str, str, str] | None:
+    parts = name.rsplit("/", 1)[-1].split("@")
     if len(parts) < 5:
         return None
     model, world, worker, chunk_hash, dtype = parts[:5]
     try:
         int(chunk_hash, 16)
-        return model, int(world), int(worker), chunk_hash, dtype
+        return model, int(world), int(worker), chunk_hash, dtype, "@".join(parts[5:])
     except ValueError:
         return None
 
 
-def scan(store: Any, prefix: str = "", *, with_metadata: bool = False) -> Iterator[ChunkInfo]:
+def expected_size(metadata: Mapping[str, str]) -> int | None:
+    """The bytes ``lmcache-shapes`` and ``lmcache-dtypes`` account for; None when they are absent or unknown."""
+    try:
+        shapes = [[int(n) for n in s.split("x")] for s in metadata[META_SHAPES].split(";")]
+        sizes = [_ITEM_SIZES[d] for d in metadata[META_DTYPES].split(";")]
+    except (KeyError, ValueError):
+        return None
+    if len(shapes) != len(sizes):
+        return None
+    total = 0
+    for shape, item in zip(shapes, sizes):
+        count = item
+        for n in shape:
+            count *= n
+        total += count
+    return total
+
+
+def _int(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
+
+
+def scan(store: Any, prefix: str = "", *, with_metadata: bool = False, progress: Progress | None = None) -> Iterator[ChunkInfo]:
     """Every object under ``prefix`` whose name is an LMCache chunk name, sorted by name.
 
     Listings carry no object metadata; ``with_metadata`` reads it (one HEAD per chunk) to fill
-    in ``tokens``.
+    in ``tokens``, ``status``, ``index`` and ``prev``. A chunk the store reports damaged is listed
+    with status ``corrupt``, never raised.
     """
-    infos = [(info, parsed) for info in store.scan(prefix) if (parsed := parse_chunk_name(info.key)) is not None]
-    metas = parallel_map(store, lambda i: store.stat(i[0].key), infos) if with_metadata else [None] * len(infos)
-    for (info, parsed), full in zip(infos, metas):
-        tokens = full.metadata.get(META_TOKENS) if full is not None else None
-        yield ChunkInfo(info.key, *parsed, size=info.size, tokens=int(tokens) if tokens and tokens.isdigit() else None,
-                        last_modified=info.last_modified)
+    infos = [(info, parsed) for info in store.scan(prefix) if (parsed := _parts(info.key)) is not None]
+    if progress and with_metadata:
+        progress(0, len(infos))
 
+    def look(item):
+        try:
+            return store.stat(item[0].key)
+        except IntegrityError as exc:
+            return exc
+        finally:
+            if progress:
+                progress(1, len(infos))
 
-@dataclass(frozen=True)
-class GCReport:
-    """Chunks removed (or, on a dry run, that would be), the bytes they held, and what is left."""
-
-    removed: list[ChunkInfo]
-    removed_bytes: int
-    kept: int
-    kept_bytes: int
-    dry_run: bool
-
-
-def gc(
-    store: Any, *, older_than: float | None = None, max_bytes: int | None = None, prefix: str = "", dry_run: bool = True,
-    now: float | None = None,
-) -> GCReport:
-    """Remove chunks last written more than ``older_than`` seconds ago, then the oldest ones
-    until at most ``max_bytes`` remain. ``dry_run`` (the default) only reports."""
-    now = time.time() if now is None else now
-    chunks = sorted(scan(store, prefix), key=lambda c: (c.last_modified or 0.0, c.key))
-    def expired(c: ChunkInfo) -> bool:
-        return older_than is not None and c.last_modified is not None and now - c.last_modified > older_than
-
-    doomed = [c for c in chunks if expired(c)]
-    rest = [c for c in chunks if not expired(c)]
-    if max_bytes is not None:
-        total = sum(c.size for c in rest)
-        while rest and total > max_bytes:
-            total -= rest[0].size
-            doomed.append(rest.pop(0))
-    if doomed and not dry_run:
-        store.delete_many([c.key for c in doomed])
-    return GCReport(doomed, sum(c.size for c in doomed), len(rest), sum(c.size for c in rest), dry_run)
+    metas = parallel_map(store, look, infos) if with_metadata else [None] * len(infos)
+    for (info, (model, world, worker, chunk_hash, dtype, tags)), full in zip(infos, metas):
+        base = dict(key=info.key, model=model, world_size=world, worker_id=worker, chunk_hash=chunk_hash, dtype=dtype,
+                    size=info.size, last_modified=info.last_modified, tags=tags)
+        if full is None and with_metadata:  # deleted between the listing and the HEAD
+            continue
+        if full is None:
+            yield ChunkInfo(**base, tokens=None)
+        elif isinstance(full, IntegrityError):
+            yield ChunkInfo(**base, tokens=None, status="corrupt", detail=str(full))
+        else:
+            meta = full.metadata
+            expected = expected_size(meta)
+            wrong = expected is not None and expected != full.size
+            yield ChunkInfo(**{**base, "size": full.size}, tokens=_int(meta.get(META_TOKENS)),
+                            status="wrong-size" if wrong else "ok",
+                            detail=f"{expected} bytes expected" if wrong else "",
+                            index=_int(meta.get(META_CHUNK_INDEX)), prev=meta.get(META_PREV) or None)

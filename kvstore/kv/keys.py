@@ -10,13 +10,14 @@ asks every process sharing a cache to export ``PYTHONHASHSEED=0`` and so do we.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from kvstore.errors import BackendUnavailable
 from kvstore.kv.layout import KVLayout
-from kvstore.lmcache.naming import chunk_name
+from kvstore.lmcache.naming import chain_metadata, chunk_name, key_hash
 
 _TORCH_DTYPE_OF_NAME = {"half": "float16", "float": "float32", "double": "float64"}
 
@@ -29,6 +30,12 @@ class ChunkKey:
     end: int
     key: str  # CacheEngineKey.to_string()
     name: str  # the object name (relative to the store's prefix)
+    index: int = 0  # the chunk's place in the prompt's chain
+    prev_hash: str | None = None  # the hash field of the previous chunk's key
+
+    @property
+    def chain_metadata(self) -> dict[str, str]:
+        return chain_metadata(self.index, self.prev_hash)
 
     @property
     def num_tokens(self) -> int:
@@ -62,26 +69,38 @@ def lmcache_metadata(layout: KVLayout, *, model: str, world_size: int = 1, worke
     )
 
 
-def lmcache_config(layout: KVLayout, *, save_unfull_chunk: bool = True, **overrides: Any):
-    """An ``LMCacheEngineConfig`` with this layout's chunk size and default hashing."""
+def lmcache_config(layout: KVLayout, *, save_unfull_chunk: bool = True, engine_config: Any = None, **overrides: Any):
+    """An ``LMCacheEngineConfig`` with this layout's chunk size: a copy of ``engine_config`` (the
+    user's own, so its hash algorithm and every other key-shaping setting apply) or the defaults."""
     LMCacheEngineConfig, _, _ = _lmcache()
-    return LMCacheEngineConfig.from_defaults(chunk_size=layout.chunk_size, save_unfull_chunk=save_unfull_chunk, **overrides)
+    if engine_config is None:
+        return LMCacheEngineConfig.from_defaults(chunk_size=layout.chunk_size, save_unfull_chunk=save_unfull_chunk,
+                                                 **overrides)
+    config = copy.copy(engine_config)
+    for name, value in {"chunk_size": layout.chunk_size, "save_unfull_chunk": save_unfull_chunk, **overrides}.items():
+        setattr(config, name, value)
+    return config
 
 
 def chunk_keys(
     tokens: Sequence[int] | Any, *, model: str, layout: KVLayout, world_size: int = 1, worker_id: int = 0,
-    save_unfull_chunk: bool = True, key_layout: str = "flat",
+    save_unfull_chunk: bool = True, key_layout: str = "flat", engine_config: Any = None,
 ) -> list[ChunkKey]:
     """The chunks LMCache makes of ``tokens`` (a list of ids or a 1-D tensor), in order.
 
     ``save_unfull_chunk=False`` leaves out a short last chunk, as LMCache's default config does;
     the keys of full chunks are the same either way. Object names follow the LMCache adapter's
-    naming in ``key_layout`` (a store's ``config.key_layout``).
+    naming in ``key_layout`` (a store's ``config.key_layout``). ``engine_config`` is the
+    ``LMCacheEngineConfig`` of the engine that will read the chunks, when there is one.
     """
     _, _, ChunkedTokenDatabase = _lmcache()
     if hasattr(tokens, "tolist"):
         tokens = tokens.reshape(-1).tolist()
     tokens = [int(t) for t in tokens]
-    db = ChunkedTokenDatabase(lmcache_config(layout, save_unfull_chunk=save_unfull_chunk),
+    db = ChunkedTokenDatabase(lmcache_config(layout, save_unfull_chunk=save_unfull_chunk, engine_config=engine_config),
                               lmcache_metadata(layout, model=model, world_size=world_size, worker_id=worker_id))
-    return [ChunkKey(start, end, key.to_string(), chunk_name(key.to_string(), key_layout)) for start, end, key in db.process_tokens(tokens=tokens)]
+    out: list[ChunkKey] = []
+    for index, (start, end, key) in enumerate(db.process_tokens(tokens=tokens)):
+        text = key.to_string()
+        out.append(ChunkKey(start, end, text, chunk_name(text, key_layout), index, key_hash(out[-1].key) if out else None))
+    return out

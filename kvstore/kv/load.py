@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from kvstore.errors import IntegrityError
 from kvstore.kv.concurrency import parallel_map
 from kvstore.kv.keys import ChunkKey, chunk_keys
 from kvstore.kv.layout import KVLayout
 
+Progress = Callable[[int], None]  # called with how many more chunks were looked at
 
-def _keys(store, tokens, model, layout, world_size, worker_id, save_unfull_chunk) -> list[ChunkKey]:
+
+def _keys(store, tokens, model, layout, world_size, worker_id, save_unfull_chunk, engine_config) -> list[ChunkKey]:
     return chunk_keys(tokens, model=model, layout=layout, world_size=world_size, worker_id=worker_id,
-                      save_unfull_chunk=save_unfull_chunk, key_layout=store.config.key_layout)
+                      save_unfull_chunk=save_unfull_chunk, key_layout=store.config.key_layout, engine_config=engine_config)
 
 
 def load_chunks(
     store: Any, tokens: Sequence[int] | Any, *, model: str, layout: KVLayout, world_size: int = 1, worker_id: int = 0,
-    save_unfull_chunk: bool = True,
+    save_unfull_chunk: bool = True, engine_config: Any = None,
 ) -> list:
     """The longest cached prefix as LMCache chunk tensors, in order (empty on a miss at the first chunk).
 
@@ -27,7 +29,7 @@ def load_chunks(
     """
     import torch
 
-    chunks = _keys(store, tokens, model, layout, world_size, worker_id, save_unfull_chunk)
+    chunks = _keys(store, tokens, model, layout, world_size, worker_id, save_unfull_chunk, engine_config)
     buffer = torch.empty(sum(c.num_tokens for c in chunks) * layout.token_bytes() // layout.item_size,
                          dtype=layout.torch_dtype)
     views, offset = [], 0
@@ -100,17 +102,33 @@ class VerifyReport:
 
 def verify(
     store: Any, tokens: Sequence[int] | Any, *, model: str, layout: KVLayout, world_size: int = 1, worker_id: int = 0,
-    save_unfull_chunk: bool = True, read: bool = True,
+    save_unfull_chunk: bool = True, read: bool = True, engine_config: Any = None, progress: Progress | None = None,
 ) -> VerifyReport:
     """Check every chunk of ``tokens``: present, of the size its token count needs, and (``read``)
-    matching the checksum stored with it, when there is one."""
-    chunks = _keys(store, tokens, model, layout, world_size, worker_id, save_unfull_chunk)
-    infos = parallel_map(store, lambda c: store.stat(c.name), chunks)
+    matching the checksum stored with it, when there is one.
+
+    A chunk the store reports as damaged is ``corrupt`` and the check goes on with the rest;
+    ``progress`` is called with the number of chunks looked at (stat, then read).
+    """
+    chunks = _keys(store, tokens, model, layout, world_size, worker_id, save_unfull_chunk, engine_config)
+    tick = progress or (lambda n: None)
+
+    def look(c: ChunkKey):
+        try:
+            return store.stat(c.name)
+        except IntegrityError as exc:
+            return exc
+        finally:
+            tick(1)
+
+    infos = parallel_map(store, look, chunks)
     checks = []
     to_read = []
     for c, info in zip(chunks, infos):
         expected = layout.chunk_bytes(c.num_tokens)
-        if info is None:
+        if isinstance(info, IntegrityError):
+            checks.append(ChunkCheck(c.start, c.end, c.name, "corrupt", None, str(info)))
+        elif info is None:
             checks.append(ChunkCheck(c.start, c.end, c.name, "missing"))
         elif info.size != expected:
             checks.append(ChunkCheck(c.start, c.end, c.name, "wrong-size", info.size, f"{expected} bytes expected"))
@@ -124,6 +142,8 @@ def verify(
                 store.get_into(c.name, bytearray(c.size))
             except IntegrityError as exc:
                 return ChunkCheck(c.start, c.end, c.name, "corrupt", c.size, str(exc))
+            finally:
+                tick(1)
             return c
 
         for index, result in zip(to_read, parallel_map(store, check, to_read)):

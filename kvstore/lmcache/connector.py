@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Mapping
+import threading
+from collections import OrderedDict
+from typing import Any, Mapping, Sequence
 
 from lmcache.utils import CacheEngineKey
 from lmcache.v1.memory_management import MemoryObj
@@ -31,6 +33,7 @@ from kvstore.lmcache import chunks, naming
 log = logging.getLogger(__name__)
 PLUGIN_TYPE = "kvstore"
 PING_NAME = "kvstore-ping"  # a name stat'ed to check the store answers; it need not exist
+CHAIN_MEMORY = 1 << 16  # predecessors remembered from lookups, for the chain metadata of later writes
 
 
 def open_store_from(extra_config: Mapping[str, Any] | None) -> kvstore.KVStore:
@@ -48,12 +51,35 @@ class KVStoreConnector(RemoteConnector):
         self.store = store if store is not None else open_store_from(config.extra_config)
         self.layout = self.store.config.key_layout
         self.full_layout = chunks.ChunkLayout(list(self.meta_shapes), list(self.meta_dtypes), self.meta_fmt)
+        self._prev: OrderedDict[str, str] = OrderedDict()
+        self._prev_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<KVStoreConnector {self.store.config.url}>"
 
     def name_of(self, key: CacheEngineKey) -> str:
         return naming.chunk_name(key.to_string(), self.layout)
+
+    # -- chains ----------------------------------------------------------------------------
+    def remember_chain(self, keys: Sequence[CacheEngineKey]) -> None:
+        """Note each key's predecessor: LMCache hands lookups and writes a run of consecutive chunks.
+
+        A run need not start at the prompt's first chunk (a faster tier may have hit the head),
+        so only predecessors are recorded, never absolute positions.
+        """
+        texts = [k.to_string() for k in keys]
+        with self._prev_lock:
+            for prev, text in zip(texts, texts[1:]):
+                self._prev[text] = naming.key_hash(prev)
+                self._prev.move_to_end(text)
+            while len(self._prev) > CHAIN_MEMORY:
+                self._prev.popitem(last=False)
+
+    def chain_metadata(self, key: CacheEngineKey) -> dict[str, str]:
+        """``lmcache-prev`` for ``key`` when a lookup or a batched write showed its predecessor."""
+        with self._prev_lock:
+            prev = self._prev.get(key.to_string())
+        return naming.chain_metadata(None, prev)
 
     # -- presence --------------------------------------------------------------------------
     async def exists(self, key: CacheEngineKey) -> bool:
@@ -64,6 +90,7 @@ class KVStoreConnector(RemoteConnector):
 
     async def batched_async_contains(self, lookup_id: str, keys: list[CacheEngineKey], pin: bool = False) -> int:
         """How many keys, from the first, are stored (a failed check counts as a miss)."""
+        self.remember_chain(keys)
         found = await asyncio.gather(*(self.exists(k) for k in keys), return_exceptions=True)
         return _prefix_length(found)
 
@@ -71,6 +98,7 @@ class KVStoreConnector(RemoteConnector):
         return True
 
     def batched_contains(self, keys: list[CacheEngineKey]) -> int:
+        self.remember_chain(keys)
         return _prefix_length(self.store.exists_many([self.name_of(k) for k in keys]))
 
     # -- reads -----------------------------------------------------------------------------
@@ -115,14 +143,16 @@ class KVStoreConnector(RemoteConnector):
 
     # -- writes ----------------------------------------------------------------------------
     async def put(self, key: CacheEngineKey, memory_obj: MemoryObj) -> None:
-        """Store the chunk's true bytes and layout. Raises on failure; the caller owns the reference."""
+        """Store the chunk's true bytes, layout and (when known) predecessor. Raises on failure; the
+        caller owns the reference."""
         layout = chunks.layout_of(memory_obj)
-        await self.store.aput(self.name_of(key), memory_obj.byte_array, layout.metadata())
+        await self.store.aput(self.name_of(key), memory_obj.byte_array, {**layout.metadata(), **self.chain_metadata(key)})
 
     def support_batched_put(self) -> bool:
         return True
 
     async def batched_put(self, keys: list[CacheEngineKey], memory_objs: list[MemoryObj]) -> None:
+        self.remember_chain(keys)
         results = await asyncio.gather(*(self.put(k, m) for k, m in zip(keys, memory_objs)), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:

@@ -7,8 +7,11 @@ Loaded by LMCache as::
      "adapter_params": {"kvstore_url": "s3://my-bucket/kv", "s3_region": "us-east-1",
                         "max_capacity_gb": 100}}
 
-``adapter_params`` takes the keys of LMCache's built-in ``"s3"`` L2 spec (``s3_endpoint``,
-``s3_region``, ...) and every kvstore key. Objects are named as the built-in S3 L2 adapter names
+``adapter_params`` takes the store keys of LMCache's built-in ``"s3"`` L2 spec (``s3_endpoint``,
+``s3_region``, ..., ``max_capacity_gb``) and every kvstore key. The keys LMCache's framework reads
+(``eviction``, ``serde``, ``persist_enabled``, ``affinity_tag``, ``shared``) go at the top level
+of the spec, next to ``adapter_params``: LMCache never looks for them inside it, so one found
+there is refused with a message saying where it belongs. Objects are named as the built-in S3 L2 adapter names
 them, so either can read the other's bucket (with ``key_layout`` flat). The adapter runs its own
 asyncio loop on a thread; all public methods are thread-safe.
 """
@@ -32,11 +35,9 @@ from lmcache.v1.platform import create_event_notifier
 import kvstore
 from kvstore.config import StoreConfig
 from kvstore.errors import KVStoreError
-from kvstore.lmcache import chunks, naming
+from kvstore.lmcache import chunks, config_gen, naming
 
 log = logging.getLogger(__name__)
-# Keys of an L2 spec that LMCache's framework reads itself; they are not store settings.
-FRAMEWORK_KEYS = frozenset({"type", "eviction", "serde", "persist_enabled", "per_op_workers", "num_workers", "affinity_tag", "shared"})
 DELETE_TIMEOUT_S = 30.0
 
 
@@ -48,17 +49,17 @@ class KVStoreL2AdapterConfig(L2AdapterConfigBase):
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVStoreL2AdapterConfig":
-        params = {k: v for k, v in d.items() if k not in FRAMEWORK_KEYS}
-        config = cls(kvstore.resolve(params.get("kvstore_url"), params))  # ConfigError is a ValueError
-        config.eviction_config = cls._parse_eviction_config(d)
-        return config
+        """Resolve ``adapter_params``; ConfigError (a ValueError, as LMCache expects) for a misplaced or wrong key."""
+        config_gen.check_adapter_params(d)
+        return cls(kvstore.resolve(d.get("kvstore_url"), d))
 
     @classmethod
     def help(cls) -> str:
         return (
             "kvstore L2 adapter fields: kvstore_url (or s3_endpoint), s3_region, s3_num_io_threads, "
             "s3_prefer_http2, s3_enable_s3express, disable_tls, aws_access_key_id, aws_secret_access_key, "
-            "max_capacity_gb, any kvstore_* key; eviction (dict, optional)"
+            "max_capacity_gb, any kvstore_* key. eviction, serde, persist_enabled, affinity_tag and shared go at "
+            "the top level of the spec, not in adapter_params"
         )
 
 

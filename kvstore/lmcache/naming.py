@@ -22,6 +22,10 @@ META_SHAPES = "lmcache-shapes"
 META_DTYPES = "lmcache-dtypes"
 META_FMT = "lmcache-fmt"
 META_TOKENS = "lmcache-tokens"
+# Where a chunk sits in its prompt's hash chain, so that ``kv gc`` can evict from the tail: its
+# index (0 for a prompt's first chunk) and its predecessor's chunk hash as spelled in the name.
+META_CHUNK_INDEX = "lmcache-chunk-index"
+META_PREV = "lmcache-prev"
 HASH_CHARS = 4
 # Object names stay well inside S3's 1024-byte limit, leaving room for the store's prefix.
 MAX_CHUNK_NAME_BYTES = 768
@@ -68,3 +72,18 @@ def mp_object_name(key, layout: str = "flat") -> str:
     return apply_layout(
         object_key_string(key.model_name, key.kv_rank, key.object_group_id, key.chunk_hash, key.cache_salt), layout
     )
+
+
+def key_hash(key_string: str) -> str:
+    """The chunk-hash field of ``CacheEngineKey.to_string()`` (``model@ws@worker@<hash>@dtype...``)."""
+    return key_string.split("@")[3]
+
+
+def chain_metadata(index: int | None, prev_hash: str | None) -> dict[str, str]:
+    """``lmcache-chunk-index`` / ``lmcache-prev`` for what is known of a chunk's place in its chain."""
+    out = {}
+    if index is not None:
+        out[META_CHUNK_INDEX] = str(index)
+    if prev_hash is not None:
+        out[META_PREV] = prev_hash
+    return out

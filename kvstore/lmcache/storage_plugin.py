@@ -29,6 +29,9 @@ from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
 from kvstore.lmcache.connector import KVStoreConnector
 
 log = logging.getLogger(__name__)
+# A cancelled read ends at its next write to the buffer or its next piece; this bounds the wait.
+CANCEL_SETTLE_S = 5.0
+_TIMED_OUT = object()
 
 
 class KVStoreStoragePlugin(StoragePluginInterface):
@@ -118,6 +121,7 @@ class KVStoreStoragePlugin(StoragePluginInterface):
         on_complete_callback: Callable[[CacheEngineKey], None] | None = None,
     ) -> list[Future]:
         """Start one write per chunk; each holds its own reference until the write ends."""
+        self.connector.remember_chain(keys)  # before any is skipped: consecutive keys are predecessors
         futures = []
         for key, obj in zip(keys, objs):
             with self._lock:
@@ -145,24 +149,41 @@ class KVStoreStoragePlugin(StoragePluginInterface):
 
     # -- reads -----------------------------------------------------------------------------
     def get_blocking(self, key: CacheEngineKey) -> MemoryObj | None:
-        future = self._run(self.connector.get(key))
-        try:
-            return future.result(self.timeout_s)
-        except TimeoutError:
-            future.cancel()
-            log.warning("kvstore: get %s timed out after %.1fs", key.to_string(), self.timeout_s)
-            return None
+        found = self._blocking(self.connector.get(key), key.to_string())
+        return found if found is not _TIMED_OUT else None
 
     def get_non_blocking(self, key: CacheEngineKey, location: str | None = None) -> Future:
         return self._run(self.connector.get(key))
 
     def batched_get_blocking(self, keys: list[CacheEngineKey]) -> list[MemoryObj | None]:
-        future = self._run(self.connector.batched_get(keys))
+        found = self._blocking(self.connector.batched_get(keys), f"{len(keys)} chunks")
+        return found if found is not _TIMED_OUT else [None] * len(keys)
+
+    def _blocking(self, coro, what: str) -> Any:
+        """``coro``'s result within ``blocking_timeout_secs``, or ``_TIMED_OUT`` once it has really stopped.
+
+        Cancelling a ``run_coroutine_threadsafe`` future only asks the loop to cancel the task;
+        waiting for the task to end means its reads have revoked their buffers (and handed their
+        memory objects back) before we tell LMCache there is nothing.
+        """
+        ended = threading.Event()
+
+        async def watched() -> Any:
+            try:
+                return await coro
+            finally:
+                ended.set()
+
+        future = self._run(watched())
         try:
             return future.result(self.timeout_s)
         except TimeoutError:
-            future.cancel()
-            return [None] * len(keys)
+            if not future.cancel():  # it finished in the meantime: its answer stands
+                return future.result()
+            if not ended.wait(CANCEL_SETTLE_S):
+                log.error("kvstore: get %s did not stop within %.1fs of its cancel", what, CANCEL_SETTLE_S)
+            log.warning("kvstore: get %s timed out after %.1fs", what, self.timeout_s)
+            return _TIMED_OUT
 
     async def batched_get_non_blocking(self, lookup_id: str, keys: list[CacheEngineKey], transfer_spec: Any = None) -> list[MemoryObj]:
         return await self.connector.batched_get_non_blocking(lookup_id, keys)

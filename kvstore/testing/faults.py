@@ -2,9 +2,12 @@
 
 It relays requests and responses one at a time (keep-alive kept), so a fault applies to whole
 responses: pass through, answer 500/503 itself, delay the response, drop the connection after
-N body bytes, flip body bytes, reset new connections, or refuse connections as a dead server
-does. Faults switch at runtime and last for ``count`` responses or ``seconds``, or until
-``clear()``. Connections are bounded; ``stop()`` closes every socket it opened.
+N body bytes, flip body bytes (of responses, or of request bodies on their way to the server),
+reset new connections, or refuse connections as a dead server does. To show what a silent
+server does it can also stall (take the request, withhold ``100 Continue``, never answer),
+trickle a body one byte at a time, or hold a response mid-body until ``release()``. Faults
+switch at runtime and last for ``count`` responses or ``seconds``, or until ``clear()``.
+Connections are bounded; ``stop()`` closes every socket it opened.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ _INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalErro
 
 @dataclass
 class Fault:
-    kind: str  # "error", "delay", "drop", "corrupt", "reset", "refuse"
+    kind: str  # "error", "delay", "drop", "lose", "corrupt", "corrupt-request", "stall", "trickle", "hold", "reset", "refuse"
     status: int = 503
     seconds: float = 0.0
     after_bytes: int = 0
     remaining: int | None = None  # responses still to spoil; None: no count
     until: float | None = None  # monotonic end; None: until cleared
+    wait_s: float = 0.0  # "error": how long to take before answering
+    method: bytes | None = None  # "lose", "hold": only requests of this method (None: any)
 
 
 class _Closed(Exception):
@@ -47,11 +52,14 @@ class FaultProxy:
         self.responses = 0  # responses relayed or made up
         self.faults_applied = 0
         self._fault: Fault | None = None
+        self._queue: list[Fault] = []  # faults that follow when the current one is used up
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._sockets: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
         self._stopping = threading.Event()
+        self._released = threading.Event()  # ends a stall or a hold
+        self.holding = threading.Event()  # set while a response is stalled or held
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self.port = 0
@@ -89,6 +97,7 @@ class FaultProxy:
     def stop(self) -> None:
         self._stopping.set()
         self._unlisten()
+        self._released.set()
         with self._lock:
             open_sockets, threads = list(self._sockets), list(self._threads)
         for sock in open_sockets:
@@ -107,9 +116,15 @@ class FaultProxy:
             return len(self._sockets)
 
     # -- switching faults -----------------------------------------------------------------
-    def set(self, fault: Fault | None) -> None:
+    def set(self, fault: Fault | None, *then: Fault) -> None:
+        """Apply ``fault`` now and each of ``then`` in turn as the one before is used up (by ``count``)."""
         with self._lock:
-            self._fault = fault
+            self._fault, self._queue = fault, list(then)
+            if fault is not None and fault.kind in ("stall", "hold"):
+                self._released.clear()
+                self.holding.clear()
+            else:
+                self._released.set()  # switching faults lets go of a held response
         if fault is not None and fault.kind == "refuse":
             self._unlisten()
             self.drop_connections()
@@ -120,9 +135,10 @@ class FaultProxy:
         """Back to pass-through (and listening again after ``refuse``)."""
         self.set(None)
 
-    def error(self, status: int = 503, *, count: int | None = None, seconds: float | None = None) -> None:
-        """Answer ``status`` (503 SlowDown or 500 InternalError XML) without asking the server."""
-        self.set(Fault("error", status=status, remaining=count, until=_until(seconds)))
+    def error(self, status: int = 503, *, count: int | None = None, seconds: float | None = None,
+              wait_s: float = 0.0) -> None:
+        """Answer ``status`` (503 SlowDown or 500 InternalError XML), after ``wait_s``, without asking the server."""
+        self.set(Fault("error", status=status, remaining=count, until=_until(seconds), wait_s=wait_s))
 
     def delay(self, seconds: float, *, count: int | None = None) -> None:
         """Hold each response ``seconds`` before relaying it."""
@@ -132,9 +148,45 @@ class FaultProxy:
         """Close the connection after ``after_bytes`` bytes of a response body."""
         self.set(Fault("drop", after_bytes=after_bytes, remaining=count))
 
+    def lose(self, *, method: str | None = None, count: int | None = 1) -> None:
+        """Let the request reach the server, then cut the connection instead of relaying its answer.
+
+        What a client sees when a response is lost on the way: the server did the work (stored
+        the object), the client cannot know it. ``method`` limits it to one kind of request.
+        """
+        self.set(Fault("lose", remaining=count, method=method.upper().encode() if method else None))
+
     def corrupt(self, *, count: int | None = None) -> None:
         """Flip one byte in the middle of each response body (headers untouched)."""
         self.set(Fault("corrupt", remaining=count))
+
+    def corrupt_request(self, *, count: int | None = None) -> None:
+        """Flip one byte in the middle of each request body on its way to the server (PUT, UploadPart)."""
+        self.set(Fault("corrupt-request", remaining=count))
+
+    def stall(self, *, count: int | None = None) -> None:
+        """Take each request and never answer (no ``100 Continue`` either) until ``release()``, then cut it."""
+        self.set(Fault("stall", remaining=count))
+
+    def trickle(self, seconds: float, *, count: int | None = None) -> None:
+        """Relay each response body one byte every ``seconds``."""
+        self.set(Fault("trickle", seconds=seconds, remaining=count))
+
+    def hold(self, after_bytes: int = 0, *, count: int | None = 1, method: str | None = None) -> None:
+        """Relay a response's head and ``after_bytes`` body bytes, then hold the rest until ``release()``.
+
+        ``method`` limits it to one kind of request (``"GET"``: a HEAD before it goes through).
+        """
+        self.set(Fault("hold", after_bytes=after_bytes, remaining=count, method=method.upper().encode() if method else None))
+
+    def release(self) -> None:
+        """Let a stalled or held response go on."""
+        self._released.set()
+
+    def _wait_released(self) -> None:
+        self.holding.set()
+        while not self._released.wait(0.05) and not self._stopping.is_set():
+            pass
 
     def reset(self, *, count: int | None = None, seconds: float | None = None) -> None:
         """Accept new connections and reset them at once (RST)."""
@@ -150,11 +202,11 @@ class FaultProxy:
         for sock in open_sockets:
             _close(sock)
 
-    def _take(self, kinds: tuple[str, ...]) -> Fault | None:
-        """The active fault if it is one of ``kinds``, counting it as used."""
+    def _take(self, kinds: tuple[str, ...], method: bytes = b"") -> Fault | None:
+        """The active fault if it is one of ``kinds`` (and applies to ``method``), counting it as used."""
         with self._lock:
             fault = self._fault
-            if fault is None or fault.kind not in kinds:
+            if fault is None or fault.kind not in kinds or (fault.method is not None and fault.method != method):
                 return None
             if fault.until is not None and time.monotonic() >= fault.until:
                 self._fault = None
@@ -162,7 +214,9 @@ class FaultProxy:
             if fault.remaining is not None:
                 fault.remaining -= 1
                 if fault.remaining <= 0:
-                    self._fault = None
+                    self._fault = self._queue.pop(0) if self._queue else None
+                    if self._fault is not None and self._fault.kind in ("stall", "hold"):
+                        self._released.clear()
             self.faults_applied += 1
             return fault
 
@@ -198,6 +252,8 @@ class FaultProxy:
                 expects_continue = (_header(head, b"expect") or b"").lower() == b"100-continue"
                 error = self._take(("error",))
                 if error is not None:
+                    if error.wait_s:
+                        self._stopping.wait(error.wait_s)
                     body = _SLOWDOWN if error.status == 503 else _INTERNAL
                     # A client waiting for "100 Continue" sends no body: answer and close instead of draining.
                     if not expects_continue:
@@ -209,6 +265,9 @@ class FaultProxy:
                     if expects_continue:
                         return
                     continue
+                if self._take(("stall",)) is not None:
+                    self._wait_released()
+                    return  # cut, as a server that never answered and then went away
                 if expects_continue:  # answered here, so the server's own 100 never has to be relayed
                     client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                     head = b"\r\n".join(line for line in head.split(b"\r\n")
@@ -219,14 +278,17 @@ class FaultProxy:
                         self._sockets.add(upstream)
                     upstream_in = _Reader(upstream)
                 upstream.sendall(head)
-                _relay_body(client_in, head, upstream)
+                has_body = int(_header(head, b"content-length") or 0) > 0
+                _relay_body(client_in, head, upstream, spoil=self._take(("corrupt-request",)) if has_body else None)
                 response = upstream_in.head()
+                if self._take(("lose",), method) is not None:
+                    return  # the server has answered; the client never hears it
                 delay = self._take(("delay",))
                 if delay is not None:
                     self._stopping.wait(delay.seconds)
-                spoil = self._take(("drop", "corrupt"))
+                spoil = self._take(("drop", "corrupt", "trickle", "hold"), method)
                 client.sendall(response)
-                if not _relay_body(upstream_in, response, client, method=method, spoil=spoil):
+                if not _relay_body(upstream_in, response, client, method=method, spoil=spoil, proxy=self):
                     return
                 self._count()
         except (_Closed, OSError):
@@ -311,7 +373,7 @@ def _header(head: bytes, name: bytes) -> bytes | None:
 
 
 def _relay_body(source: _Reader, head: bytes, sink: socket.socket | None, *, method: bytes = b"",
-                spoil: Fault | None = None) -> bool:
+                spoil: Fault | None = None, proxy: FaultProxy | None = None) -> bool:
     """Copy the body that follows ``head`` to ``sink`` (None: discard). False when a fault cut it."""
     is_response = head.startswith(b"HTTP/")
     status = int(head.split(b" ", 2)[1]) if is_response else 0
@@ -330,12 +392,24 @@ def _relay_body(source: _Reader, head: bytes, sink: socket.socket | None, *, met
     else:
         return True
     sent = 0
+    kind = spoil.kind if spoil is not None else None
     for piece in pieces:
-        if spoil is not None and spoil.kind == "drop" and sent + len(piece) >= spoil.after_bytes:
+        if kind == "drop" and sent + len(piece) >= spoil.after_bytes:
             if sink is not None:
                 sink.sendall(piece[: max(0, spoil.after_bytes - sent)])
             return False
-        if spoil is not None and spoil.kind == "corrupt" and length_known:
+        if kind == "hold" and sent + len(piece) >= spoil.after_bytes and proxy is not None and sink is not None:
+            sink.sendall(piece[: max(0, spoil.after_bytes - sent)])
+            proxy._wait_released()
+            piece, sent, kind = piece[max(0, spoil.after_bytes - sent):], spoil.after_bytes, None
+        if kind == "trickle" and sink is not None and proxy is not None:
+            for i in range(len(piece)):
+                if proxy._stopping.wait(spoil.seconds):
+                    return False
+                sink.sendall(piece[i:i + 1])
+            sent += len(piece)
+            continue
+        if kind in ("corrupt", "corrupt-request") and length_known:
             middle = length_known // 2
             if sent <= middle < sent + len(piece):
                 piece = bytearray(piece)

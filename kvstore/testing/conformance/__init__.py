@@ -12,17 +12,21 @@ Three ways to run it:
       def test_conformance(case, my_factory):
           check(case, my_factory)
 
-Cases skip, with the reason, what the backend's ``capabilities`` say it cannot do.
+Cases skip, with the reason, what the backend's ``capabilities`` say it cannot do, and what the
+factory's ``skips`` declare its server does not implement.
 """
 
 from kvstore.testing.conformance.cases import CASES, Case, Skip, StoreFactory, case_by_id, iter_cases
-from kvstore.testing.conformance.runner import CaseResult, ConformanceRun, run_case, run_cases
+from kvstore.testing.conformance.runner import CaseResult, ConformanceRun, declared_skip, run_case, run_cases
 
 
 def check(case: Case, factory: StoreFactory) -> None:
     """Run one case under pytest: a ``Skip`` becomes ``pytest.skip``, a failure raises."""
     import pytest
 
+    reason = declared_skip(case, factory)
+    if reason:
+        pytest.skip(reason)
     try:
         case.run(factory)
     except Skip as exc:
@@ -30,6 +34,6 @@ def check(case: Case, factory: StoreFactory) -> None:
 
 
 __all__ = [
-    "CASES", "Case", "CaseResult", "ConformanceRun", "Skip", "StoreFactory", "case_by_id", "check", "iter_cases",
-    "run_case", "run_cases",
+    "CASES", "Case", "CaseResult", "ConformanceRun", "Skip", "StoreFactory", "case_by_id", "check", "declared_skip",
+    "iter_cases", "run_case", "run_cases",
 ]

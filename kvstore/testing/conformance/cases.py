@@ -12,20 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import threading
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import kvstore
-from kvstore.config import Credentials
-from kvstore.config.profiles import express_zone
-from kvstore.config.resolve import Secret
-from kvstore.errors import (
-    AuthError, BucketNotFound, BufferTooSmall, IntegrityError, InvalidKey, PreconditionFailed, StoreTimeout, StoreUnavailable,
-)
+from kvstore.errors import BufferTooSmall, InvalidKey, PreconditionFailed
 from kvstore.store import MAX_NAME_BYTES, KVStore
 
 StoreFactory = Callable[[], KVStore]
@@ -400,101 +392,8 @@ def async_roundtrip(factory: StoreFactory) -> None:
         asyncio.run(run(store))
 
 
-# -- errors --------------------------------------------------------------------------------------
-def _expect(error: type[BaseException] | tuple, action: Callable[[], object], what: str) -> BaseException:
-    try:
-        action()
-    except error as exc:
-        return exc
-    except Exception as exc:
-        raise AssertionError(f"{what}: raised {type(exc).__name__}: {exc}") from exc
-    raise AssertionError(f"{what}: nothing was raised")
-
-
-@case("error-auth")
-def error_auth(factory: StoreFactory) -> None:
-    """A wrong secret key gives AuthError (on a read and on a write)."""
-    with factory() as store:
-        _needs_s3(store, "wrong credentials")
-        creds = store.config.credentials
-        if creds.source != "static" or not creds.access_key_id:
-            raise Skip(f"the store has no static credentials to spoil (source {creds.source!r})")
-        wrong = Credentials("static", creds.access_key_id, Secret("wrong-" + uuid.uuid4().hex))
-        with _reopen(store, credentials=wrong) as bad:
-            _expect(AuthError, lambda: bad.get("k"), "get with a wrong secret")
-            _expect(AuthError, lambda: bad.put("k", b"x"), "put with a wrong secret")
-
-
-@case("error-missing-bucket")
-def error_missing_bucket(factory: StoreFactory) -> None:
-    """A bucket that does not exist gives BucketNotFound (on a read and on a write)."""
-    with factory() as store:
-        _needs_s3(store, "a missing bucket")
-        config = store.config
-        other = f"kvstore-missing-{uuid.uuid4().hex[:12]}"
-        zone = express_zone(config.bucket)
-        if zone:  # a directory bucket name, in the same zone
-            other += f"--{zone}--x-s3"
-        endpoint = config.endpoint
-        if config.addressing == "virtual":  # the bucket is part of the host name
-            endpoint = endpoint.replace(f"//{config.bucket}.", f"//{other}.", 1)
-        with _reopen(store, bucket=other, endpoint=endpoint) as bad:
-            _expect(BucketNotFound, lambda: bad.get("k"), f"get from missing bucket {other}")
-            _expect(BucketNotFound, lambda: bad.put("k", b"x"), f"put into missing bucket {other}")
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens once the socket closes
-
-
-@case("error-unreachable")
-def error_unreachable(factory: StoreFactory) -> None:
-    """An endpoint nobody listens on gives StoreTimeout or StoreUnavailable within the deadline."""
-    with factory() as store:
-        _needs_s3(store, "an unreachable endpoint")
-        dead = f"http://127.0.0.1:{_closed_port()}"
-        timeout = 2.0
-        with _reopen(store, endpoint=dead, base_endpoint=dead, addressing="path", tls=False, s3express=False,
-                     proxy_url=None, timeout_s=timeout, connect_timeout_s=0.5) as bad:
-            started = time.monotonic()
-            _expect((StoreTimeout, StoreUnavailable), lambda: bad.get("k"), f"get from {dead}")
-            elapsed = time.monotonic() - started
-            assert elapsed < timeout + 3.0, f"took {elapsed:.1f} s with kvstore_timeout_s={timeout}"
-
-
-# -- integrity -----------------------------------------------------------------------------------
-def _tamper_case(case_id: str, describe: str, alter: Callable[[bytes], bytes]) -> None:
-    def run(factory: StoreFactory) -> None:
-        with factory() as store:
-            if not store.backend.capabilities.metadata:
-                raise Skip("the backend keeps no metadata, so no checksum rides with the object")
-            data = _random_bytes(64 * 1024, 11)
-            with _reopen(store, checksum="crc32c") as checked, _reopen(store, checksum="none") as raw:
-                checked.put("k", data)
-                info = checked.stat("k")
-                assert info is not None and "kvstore-crc32c" in info.metadata, f"no checksum stored: {info}"
-                raw.put("k", alter(data), dict(info.metadata))  # same metadata, other bytes
-                for how, read in (("get", lambda: checked.get("k")),
-                                  ("get_into", lambda: checked.get_into("k", bytearray(len(data))))):
-                    try:
-                        got = read()
-                    except IntegrityError:
-                        continue
-                    assert got is None, f"{how} returned altered bytes as good data"
-
-    run.__doc__ = describe
-    case(case_id)(run)
-
-
-def _flip_middle(data: bytes) -> bytes:
-    middle = len(data) // 2
-    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
-
-
-_tamper_case("integrity-altered", "An object altered behind the store's back raises IntegrityError.", _flip_middle)
-_tamper_case("integrity-truncated", "An object truncated behind the store's back raises IntegrityError.", lambda d: d[: len(d) // 2])
+# The error and integrity cases live in their own module; importing it registers them here.
+from kvstore.testing.conformance import errors as _errors  # noqa: E402,F401
 
 
 def iter_cases(ids: list[str] | None = None) -> Iterator[Case]:

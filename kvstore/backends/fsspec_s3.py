@@ -1,0 +1,321 @@
+"""The S3 side of the fsspec backend: aiobotocore calls on s3fs's own loop, each one bounded.
+
+s3fs's blocking wrappers wait without end (a server that withholds ``100 Continue`` kept a PUT
+running for minutes) and its ``exists()`` turns every error into False. So every request is
+made here on the aiobotocore client s3fs holds, run on s3fs's loop through ``run_bounded``:
+it ends at the operation's deadline or when the caller's buffer lease is revoked, and its
+coroutine is cancelled before the call returns. Errors are translated from botocore's own
+answer (status and S3 code), never guessed from a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any, Callable, Iterator, Mapping
+
+from kvstore.backends import call
+from kvstore.backends.base import PIECE, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
+from kvstore.backends.s3errors import from_status
+from kvstore.backends.s3probe import BucketProbe, crc32c_b64, crc32c_b64_of, run_bounded
+from kvstore.errors import (
+    BackendUnavailable, BucketNotFound, BufferTooSmall, IntegrityError, KVStoreError, StoreTimeout, StoreUnavailable,
+)
+
+_HEAD_CONCURRENCY = 16
+_DELETE_BATCH = 1000
+_MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
+# A checksum the server computed differently: the body was damaged on the way, so sending it
+# again may well succeed.
+_RESEND_CODES = {"BadDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"}
+_CONNECTION_NAMES = re.compile(r"Connect|ServerDisconnected|ClientOSError|ClientPayloadError|ResponseStreamingError")
+
+
+class S3Ops:
+    """One bucket through s3fs's aiobotocore client; names are full object names (prefix included)."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.fs = _s3_filesystem(config)
+        self.bucket = config.bucket
+        self._probe = BucketProbe()
+
+    # -- running and errors -------------------------------------------------------------------
+    def _run(self, what: str, work: Callable[[Any], Any]) -> Any:
+        """``await work(client)`` on s3fs's loop within the deadline; failures as kvstore errors."""
+        async def go() -> Any:
+            await self.fs.set_session()
+            return await work(await self.fs.get_s3(self.bucket))
+
+        try:
+            return run_bounded(self.fs.loop, go(), what, self.config.timeout_s)
+        except KVStoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every client failure is translated
+            raise self._error(exc, what) from exc
+
+    def _error(self, exc: BaseException, what: str) -> KVStoreError:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and "ResponseMetadata" in response:
+            status = response["ResponseMetadata"].get("HTTPStatusCode") or 0
+            code = response.get("Error", {}).get("Code")
+            if code == "NoSuchBucket":
+                self._probe.forget()
+                return BucketNotFound(f"{what}: bucket {self.bucket!r} does not exist")
+            if code in _RESEND_CODES:
+                return StoreUnavailable(f"{what}: HTTP {status} {code} (the body was damaged on the way)", status=status)
+            return from_status(status, code, what)
+        name = type(exc).__name__
+        if name == "IncompleteReadError":
+            return IntegrityError(f"{what}: the connection ended before the whole body arrived")
+        if isinstance(exc, TimeoutError) or "Timeout" in name:
+            return StoreTimeout(f"{what}: no answer within the timeout ({self.config.timeout_s:g} s)")
+        if _is_connection(exc) or isinstance(exc, OSError):
+            return StoreUnavailable(f"{what}: {name}: {_first_line(str(exc))}", connection=True)
+        return StoreUnavailable(f"{what}: {name}: {_first_line(str(exc))}", retryable=False)
+
+    def _is_miss(self, exc: BaseException) -> bool:
+        """A 404 for the key; a bare one (HEAD has no body) is settled by the bucket probe."""
+        response = getattr(exc, "response", None)
+        if not isinstance(response, dict) or response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+            return False
+        code = response.get("Error", {}).get("Code")
+        if code not in _MISSING_KEY:
+            return False
+        if code == "NoSuchKey":  # S3 says so only about a bucket that exists
+            self._probe.seen()
+        return True
+
+    def _confirm_bucket(self, name: str) -> None:
+        def probe() -> None:
+            self._run(f"probe bucket {self.bucket!r}",
+                      lambda s3: s3.list_objects_v2(Bucket=self.bucket, Prefix=name, MaxKeys=1))
+
+        self._probe.confirm(probe)
+
+    # -- operations ----------------------------------------------------------------------------
+    def put(self, name: str, data: memoryview, metadata: Mapping[str, str], if_absent: bool) -> None:
+        # With checksums on, the server checks the bytes that arrive against the CRC32C of the bytes
+        # sent: computed here, not copied from the metadata, which a caller may set to anything.
+        checked = crc32c_b64(metadata) is not None
+        extra: dict[str, Any] = {"Metadata": dict(metadata)} if metadata else {}
+        match = {"IfNoneMatch": "*"} if if_absent else {}
+        if len(data) <= self.config.part_size:
+            checksum = {"ChecksumCRC32C": crc32c_b64_of(data)} if checked else {}
+            self._run(f"PUT {name!r}", lambda s3: s3.put_object(
+                Bucket=self.bucket, Key=name, Body=_as_bytes(data), **extra, **match, **checksum))
+        else:
+            self._run(f"PUT {name!r}", lambda s3: self._multipart(s3, name, data, extra, match, checked))
+        self._probe.seen()
+
+    async def _multipart(self, s3, name: str, data: memoryview, extra: dict, match: dict, checksum: bool) -> None:
+        """A multipart upload whose every part carries its CRC32C, so the server checks each (COMPOSITE)."""
+        algorithm = {"ChecksumAlgorithm": "CRC32C"} if checksum else {}
+        upload = await s3.create_multipart_upload(Bucket=self.bucket, Key=name, **extra, **algorithm)
+        upload_id, size = upload["UploadId"], self.config.part_size
+        gate = asyncio.Semaphore(4)
+
+        async def part(number: int, start: int) -> dict:
+            body = bytes(data[start:start + size])
+            sums = {"ChecksumCRC32C": crc32c_b64_of(body)} if checksum else {}
+            async with gate:
+                out = await s3.upload_part(Bucket=self.bucket, Key=name, UploadId=upload_id, PartNumber=number,
+                                           Body=body, **sums)
+            return {"PartNumber": number, "ETag": out["ETag"], **sums}
+
+        try:
+            parts = await asyncio.gather(*(part(i + 1, start) for i, start in enumerate(range(0, len(data), size))))
+            await s3.complete_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id,
+                                               MultipartUpload={"Parts": list(parts)}, **match)
+        except BaseException:
+            # Also on a cancel: the abort runs as a task of its own, so the parts are not left to bill.
+            asyncio.ensure_future(_quietly(s3.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)))
+            raise
+
+    def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None) -> ReadResult | None:
+        lease = call.lease()  # taken here: the copies run on the loop thread
+
+        async def read(s3) -> ReadResult | None:
+            try:
+                response = await s3.get_object(Bucket=self.bucket, Key=name)
+            except Exception as exc:  # noqa: BLE001
+                if self._is_miss(exc):
+                    return None
+                raise
+            body = response["Body"]
+            try:
+                size = response["ContentLength"]
+                if size > len(buffer):
+                    raise BufferTooSmall(name, size, len(buffer))
+                done = 0
+                while done < size:
+                    # Into bytes of our own first: a cancelled call must never wait on the
+                    # network while it holds the caller's buffer.
+                    chunk = await body.read(min(PIECE, size - done))
+                    if not chunk:
+                        raise IntegrityError(f"{name!r}: {done} of {size} bytes arrived")
+                    end = done + len(chunk)
+                    if lease is None:
+                        buffer[done:end] = chunk
+                    else:
+                        lease.copy_into(buffer[done:end], chunk)
+                    if on_chunk:
+                        on_chunk(done, buffer[done:end])
+                    done = end
+            finally:
+                body.close()
+            return ReadResult(size, dict(response.get("Metadata") or {}))
+
+        result = self._run(f"GET {name!r}", read)
+        if result is None:
+            self._confirm_bucket(name)
+        else:
+            self._probe.seen()
+        return result
+
+    def head(self, name: str) -> ObjectInfo | None:
+        async def head(s3) -> ObjectInfo | None:
+            try:
+                out = await s3.head_object(Bucket=self.bucket, Key=name)
+            except Exception as exc:  # noqa: BLE001
+                if self._is_miss(exc):
+                    return None
+                raise
+            modified = out.get("LastModified")
+            return ObjectInfo(name, out["ContentLength"], dict(out.get("Metadata") or {}),
+                              modified.timestamp() if modified else None, out.get("ETag"))
+
+        info = self._run(f"HEAD {name!r}", head)
+        if info is None:
+            self._confirm_bucket(name)
+        else:
+            self._probe.seen()
+        return info
+
+    def delete(self, name: str) -> bool:
+        # S3 answers a DELETE of a missing object with 204 too: HEAD first to tell the caller.
+        if self.head(name) is None:
+            return call.existed([name], [False])[0]
+        call.existed([name], [True])
+        self._run(f"DELETE {name!r}", lambda s3: s3.delete_object(Bucket=self.bucket, Key=name))
+        return True
+
+    def delete_many(self, names: list[str]) -> list[bool]:
+        if not names:
+            return []
+        found = self.present(names)
+        present = call.existed(names, found)
+        doomed = [n for n, there in zip(names, found) if there]
+
+        async def delete(s3) -> None:
+            for i in range(0, len(doomed), _DELETE_BATCH):
+                batch = [{"Key": n} for n in doomed[i:i + _DELETE_BATCH]]
+                out = await s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                if out.get("Errors"):
+                    first = out["Errors"][0]
+                    raise StoreUnavailable(f"DELETE {first.get('Key')!r}: {first.get('Code')}", retryable=False)
+
+        if doomed:
+            self._run(f"DELETE {len(doomed)} objects", delete)
+        return present
+
+    def present(self, names: list[str]) -> list[bool]:
+        """Whether each name exists: HEADs, many at once, in one bounded call."""
+        async def every(s3) -> list[bool]:
+            gate = asyncio.Semaphore(_HEAD_CONCURRENCY)
+
+            async def one(name: str) -> bool:
+                async with gate:
+                    try:
+                        await s3.head_object(Bucket=self.bucket, Key=name)
+                    except Exception as exc:  # noqa: BLE001
+                        if self._is_miss(exc):
+                            return False
+                        raise
+                    return True
+
+            return list(await asyncio.gather(*(one(n) for n in names)))
+
+        found = self._run(f"HEAD {len(names)} objects", every)
+        if all(found):
+            self._probe.seen()
+        else:
+            self._confirm_bucket(names[found.index(False)])
+        return found
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        async def pages(s3) -> list[ObjectInfo]:
+            out: list[ObjectInfo] = []
+            async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents") or ():
+                    modified = item.get("LastModified")
+                    out.append(ObjectInfo(item["Key"], int(item.get("Size") or 0), {},
+                                          modified.timestamp() if modified else None, item.get("ETag")))
+            return out
+
+        found = self._run(f"LIST {prefix!r}", pages)
+        self._probe.seen()
+        return iter(found)
+
+
+async def _quietly(coro) -> None:
+    try:
+        await coro
+    except Exception:  # noqa: BLE001 - best effort: the upload's own error is what the caller sees
+        pass
+
+
+def _as_bytes(data: memoryview) -> bytes | bytearray:
+    """botocore takes bytes, not views: reuse the object under the view when it is whole, else copy once."""
+    whole = data.obj
+    if isinstance(whole, (bytes, bytearray)) and len(whole) == data.nbytes:
+        return whole
+    return bytes(data)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _is_connection(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if _CONNECTION_NAMES.search(type(exc).__name__):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _s3_filesystem(config):
+    ca_bundle_pem(config)  # botocore takes the path and reads it at the first request: fail now instead
+    try:
+        import s3fs
+    except ImportError:
+        raise BackendUnavailable("fsspec", "s3fs", "fsspec") from None
+    credentials = config.credentials
+    kwargs: dict = {}
+    if credentials.source in ("static", "env"):
+        kwargs.update(key=credentials.access_key_id, secret=credentials.secret_access_key.reveal(),
+                      token=credentials.session_token.reveal() if credentials.session_token else None)
+    elif credentials.source == "profile":
+        kwargs["profile"] = credentials.profile_name
+    fs = s3fs.S3FileSystem(
+        endpoint_url=config.base_endpoint,
+        use_ssl=config.tls,
+        client_kwargs={"region_name": config.region, **({"verify": config.ca_bundle} if config.ca_bundle else {})},
+        config_kwargs={
+            "s3": {"addressing_style": config.addressing},
+            "connect_timeout": config.connect_timeout_s,
+            "read_timeout": config.timeout_s,
+            "retries": {"total_max_attempts": 1},  # the retry layer owns retries
+            # The CRC32C is sent explicitly (x-amz-checksum-crc32c) from the one the integrity
+            # layer already computed; botocore would compute a second one.
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+            **({"proxies": {"http": config.proxy_url, "https": config.proxy_url}} if config.proxy_url else {}),
+        },
+        skip_instance_cache=True,
+        use_listings_cache=False,
+        **kwargs,
+    )
+    fs.retries = 1  # s3fs's own retry loop, on top of botocore's
+    return fs
