@@ -7,21 +7,30 @@ configuration it would use. Backend client libraries are imported only when a st
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from kvstore.backends.base import ObjectInfo
 from kvstore.config import Credentials, StoreConfig, resolve
 from kvstore.errors import (
-    AuthError, BackendUnavailable, BucketNotFound, BufferTooSmall, ConfigError, IntegrityError, InvalidKey,
-    KVStoreError, PreconditionFailed, StoreTimeout, StoreUnavailable,
+    AuthError,
+    BackendUnavailable,
+    BucketNotFound,
+    BufferTooSmall,
+    ConfigError,
+    IntegrityError,
+    InvalidKey,
+    KVStoreError,
+    PreconditionFailed,
+    StoreTimeout,
+    StoreUnavailable,
 )
 from kvstore.store import KVStore
 
 __version__ = "0.1.0"
 
 
-def open(url: str | None, extra_config: Mapping | None = None) -> KVStore:  # noqa: A001 - the public name
+def open(url: str | None, extra_config: Mapping | None = None) -> KVStore:
     """Open the store that ``url`` and ``extra_config`` describe (see ``resolve``)."""
     return open_config(resolve(url, extra_config))
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from kvstore.cli.common import EXIT_FAILED, EXIT_OK, exit_code_for
 from kvstore.errors import AuthError, BucketNotFound, IntegrityError
+
 STEPS = ("resolve", "connect", "write", "read", "stat", "list", "delete")
 PROBE_SIZE = 4096
 PROBE_PREFIX = "kvstore-check-"

@@ -9,9 +9,11 @@ methods run on the caller's loop and never block it.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from kvstore.backends import call
 from kvstore.backends.base import Backend, ObjectInfo, as_byte_view, as_writable_view
@@ -190,7 +192,7 @@ class KVStore:
             yield ObjectInfo(self._key_of(info.key), info.size, info.metadata, info.last_modified, info.etag)
 
     # -- batches -------------------------------------------------------------------------
-    def _map(self, fn: Callable[[Any], T], items: list) -> list[T]:
+    def _map(self, fn: Callable[[Any], T], items: builtins.list[Any]) -> builtins.list[T]:
         """Run ``fn`` over ``items`` on the pool, at most max_inflight at once, results in order."""
         if len(items) <= 1:
             return [fn(item) for item in items]
@@ -203,19 +205,19 @@ class KVStore:
         pairs = list(items.items() if isinstance(items, Mapping) else items)
         self._map(lambda kv: self.put(kv[0], kv[1], metadata), pairs)
 
-    def get_many(self, keys: Iterable[str]) -> list[bytes | None]:
+    def get_many(self, keys: Iterable[str]) -> builtins.list[bytes | None]:
         return self._map(self.get, list(keys))
 
-    def get_into_many(self, keys: Iterable[str], buffers: Iterable[Any]) -> list[int | None]:
+    def get_into_many(self, keys: Iterable[str], buffers: Iterable[Any]) -> builtins.list[int | None]:
         keys, buffers = list(keys), list(buffers)
         if len(keys) != len(buffers):
             raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
         return self._map(lambda kb: self.get_into(*kb), list(zip(keys, buffers)))
 
-    def exists_many(self, keys: Iterable[str]) -> list[bool]:
+    def exists_many(self, keys: Iterable[str]) -> builtins.list[bool]:
         return self._map(self.exists, list(keys))
 
-    def delete_many(self, keys: Iterable[str]) -> list[bool]:
+    def delete_many(self, keys: Iterable[str]) -> builtins.list[bool]:
         names = [self.name_of(k) for k in keys]
         return self._run(self._backend.delete_many, names) if names else []
 
@@ -264,26 +266,26 @@ class KVStore:
         for key in await self._async(lambda: list(self.list(prefix))):
             yield key
 
-    async def _agather(self, fn: Callable[..., Any], args: list[tuple]) -> list:
+    async def _agather(self, fn: Callable[..., Any], args: builtins.list[tuple]) -> builtins.list[Any]:
         return list(await asyncio.gather(*(self._async(fn, *a) for a in args)))
 
     async def aput_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]], metadata: Mapping[str, str] | None = None) -> None:
         pairs = list(items.items() if isinstance(items, Mapping) else items)
         await self._agather(lambda k, d: self.put(k, d, metadata), pairs)
 
-    async def aget_many(self, keys: Iterable[str]) -> list[bytes | None]:
+    async def aget_many(self, keys: Iterable[str]) -> builtins.list[bytes | None]:
         return await self._agather(self.get, [(k,) for k in keys])
 
-    async def aget_into_many(self, keys: Iterable[str], buffers: Iterable[Any]) -> list[int | None]:
+    async def aget_into_many(self, keys: Iterable[str], buffers: Iterable[Any]) -> builtins.list[int | None]:
         keys, buffers = list(keys), list(buffers)
         if len(keys) != len(buffers):
             raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
         return list(await asyncio.gather(*(self._aget_into(k, b) for k, b in zip(keys, buffers))))
 
-    async def aexists_many(self, keys: Iterable[str]) -> list[bool]:
+    async def aexists_many(self, keys: Iterable[str]) -> builtins.list[bool]:
         return await self._agather(self.exists, [(k,) for k in keys])
 
-    async def adelete_many(self, keys: Iterable[str]) -> list[bool]:
+    async def adelete_many(self, keys: Iterable[str]) -> builtins.list[bool]:
         keys = list(keys)
         return await self._async(self.delete_many, keys)
 
@@ -314,13 +316,13 @@ class KVStore:
         self._pool.shutdown(wait=False)
         self._backend.close()
 
-    def __enter__(self) -> "KVStore":
+    def __enter__(self) -> KVStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def __aenter__(self) -> "KVStore":
+    async def __aenter__(self) -> KVStore:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -76,7 +76,8 @@ QUIRKS = """\
   "directory" races), which a retried `delete_many` must not report as "was not there".
   `ListMultipartUploads` is not implemented. What it does not implement at all is below.
 - **Virtual-hosted addressing** on loopback needs `bucket.localhost` names to resolve; where they
-  do not, the `-virtual` cells skip.
+  do not, the `-virtual` cells skip. s3rver takes `bucket.s3.localhost` (it reads `bucket.localhost`
+  as a bucket named `bucket.localhost`).
 """
 
 

@@ -46,3 +46,18 @@ def s3_servers():
 def unique_name():
     """A fresh lowercase name usable as a bucket or a prefix."""
     return lambda stem="t": f"{stem}-{uuid.uuid4().hex[:12]}"
+
+
+S3_BACKENDS = ["crt", "obstore", "fsspec"]
+
+
+@pytest.fixture(params=S3_BACKENDS)
+def backend(request):
+    """Each S3 backend by name, skipped where its client library is not installed."""
+    from kvstore.backends import backend_class
+
+    try:
+        backend_class(request.param)
+    except (ImportError, ModuleNotFoundError) as exc:
+        pytest.skip(f"{request.param} backend not available: {exc}")
+    return request.param

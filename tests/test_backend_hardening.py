@@ -15,12 +15,13 @@ from kvstore.errors import AuthError, BucketNotFound, StoreTimeout, StoreUnavail
 from kvstore.testing.faults import Fault, FaultProxy
 
 pytestmark = pytest.mark.timeout(90)
-BACKENDS = ["obstore", "fsspec"]
+BACKENDS = ["obstore", "fsspec"]  # crt: tests/test_crt_hardening.py
 TIMEOUT_S = 2.0
 GRACE_S = 0.75  # the cancel grace (s3probe.CANCEL_GRACE_S) plus scheduling on a busy 2-core host
 MiB = 1 << 20
 DATA = bytes(range(256)) * 1024 * 3  # 768 KiB
 BIG = bytes(range(251)) * (3 * MiB // 251)  # several 1 MiB pieces
+
 
 
 @pytest.fixture(params=BACKENDS)

@@ -13,23 +13,14 @@ import pytest
 
 import kvstore
 from kvstore import KVStoreError
-from kvstore.backends import backend_class, call
+from kvstore.backends import call
 from kvstore.testing.faults import FaultProxy
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(90)]
-BACKENDS = ["crt", "obstore", "fsspec"]
 HOLD_S = 1.5
 SIZE = 3 << 20  # several pieces and (for crt) several parts
 OLD, NEW = b"\xaa" * SIZE, b"\x55" * SIZE
 
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    try:
-        backend_class(request.param)
-    except (ImportError, ModuleNotFoundError) as exc:
-        pytest.skip(f"{request.param} backend not available: {exc}")
-    return request.param
 
 
 @pytest.fixture

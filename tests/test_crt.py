@@ -15,8 +15,15 @@ from kvstore.backends.crt import CANCEL_GRACE_S, SHUTDOWN_WAIT_S, CrtBackend, de
 from kvstore.backends.crt_http import Sink as _Sink
 from kvstore.backends.crt_http import encode_path, encode_query
 from kvstore.config import resolve
-from kvstore.errors import (AuthError, BucketNotFound, BufferTooSmall, IntegrityError, PreconditionFailed, StoreTimeout,
-                            StoreUnavailable)
+from kvstore.errors import (
+    AuthError,
+    BucketNotFound,
+    BufferTooSmall,
+    IntegrityError,
+    PreconditionFailed,
+    StoreTimeout,
+    StoreUnavailable,
+)
 from kvstore.testing.faults import FaultProxy
 
 MiB = 1024 * 1024
@@ -313,7 +320,7 @@ def test_close_with_requests_in_flight_is_bounded(moto, bucket, proxy):
     def read():
         try:
             outcomes.append(backend.get("slow"))
-        except Exception as exc:  # noqa: BLE001 - the outcome is what the test inspects
+        except Exception as exc:
             outcomes.append(exc)
 
     threads = [threading.Thread(target=read) for _ in range(4)]

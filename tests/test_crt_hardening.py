@@ -74,7 +74,7 @@ class QuirkServer:
                 owner.requests.append((self.command, self.path))
                 return (bucket if bucket == owner.bucket else None), key, parse_qs(parts.query)
 
-            def do_PUT(self) -> None:  # noqa: N802
+            def do_PUT(self) -> None:
                 bucket, key, _ = self._route()
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 if bucket is None:
@@ -82,7 +82,7 @@ class QuirkServer:
                 owner.objects[key] = body
                 self._send(200, headers={"ETag": '"e"'})
 
-            def do_HEAD(self) -> None:  # noqa: N802
+            def do_HEAD(self) -> None:
                 bucket, key, _ = self._route()
                 if bucket is None or (key and key not in owner.objects):
                     return self._send(404)
@@ -90,7 +90,7 @@ class QuirkServer:
                 self._send(200, headers={"Content-Length": str(size), "ETag": '"e"',
                                          "Last-Modified": email.utils.formatdate(usegmt=True)})
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 bucket, key, query = self._route()
                 if bucket is None:
                     return self._error(404, "NoSuchBucket")
@@ -125,7 +125,7 @@ class QuirkServer:
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "QuirkServer":
+    def __enter__(self) -> QuirkServer:
         self._thread.start()
         return self
 
@@ -426,7 +426,7 @@ def test_a_revoked_read_never_writes_the_buffer(moto, bucket):
             with call.running(call.Call(20, lease)):
                 try:
                     outcome.append(backend.get_into("held", memoryview(buffer)))
-                except Exception as exc:  # noqa: BLE001 - the outcome is what the test inspects
+                except Exception as exc:
                     outcome.append(exc)
 
         proxy.delay(1.5, count=1)

@@ -8,23 +8,13 @@ import pytest
 
 import kvstore
 from kvstore import KVStoreError, StoreUnavailable
-from kvstore.backends import backend_class
 from kvstore.testing.faults import FaultProxy
 
 pytestmark = pytest.mark.timeout(60)
-BACKENDS = ["crt", "obstore", "fsspec"]
 TIMEOUT_S = 3.0
 SLACK_S = 2.5  # client teardown and scheduling on a busy 2-core machine
 DATA = bytes(range(256)) * 1024  # 256 KiB: several TCP segments, so a drop lands mid-body
 
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    try:
-        backend_class(request.param)
-    except (ImportError, ModuleNotFoundError) as exc:
-        pytest.skip(f"{request.param} backend not available: {exc}")
-    return request.param
 
 
 @pytest.fixture

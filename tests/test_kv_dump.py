@@ -27,7 +27,7 @@ def _tokens(n: int = TOKENS, seed: int = 0) -> list[int]:
     return torch.randint(0, 32000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _kv(layout: KVLayout, n: int = TOKENS) -> "torch.Tensor":
+def _kv(layout: KVLayout, n: int = TOKENS) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randn(layout.chunk_shape(n), generator=g).to(layout.torch_dtype)
 
@@ -75,14 +75,14 @@ def test_round_trip_is_bit_exact(store, layout):
 def test_every_input_form_gives_the_same_bytes():
     layout = KVLayout(2, 2, 16, "bfloat16", chunk_size=8)
     kv = _kv(layout)
-    per_layer_bhtd = [(kv[0, l].view(TOKENS, 2, 16).transpose(0, 1)[None], kv[1, l].view(TOKENS, 2, 16).transpose(0, 1)[None])
-                      for l in range(2)]
-    per_layer_thd = [(kv[0, l].view(TOKENS, 2, 16), kv[1, l].view(TOKENS, 2, 16)) for l in range(2)]
+    per_layer_bhtd = [(kv[0, layer].view(TOKENS, 2, 16).transpose(0, 1)[None], kv[1, layer].view(TOKENS, 2, 16).transpose(0, 1)[None])
+                      for layer in range(2)]
+    per_layer_thd = [(kv[0, layer].view(TOKENS, 2, 16), kv[1, layer].view(TOKENS, 2, 16)) for layer in range(2)]
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    for l, (k, v) in enumerate(per_layer_bhtd):
-        cache.update(k, v, l)
+    for layer, (k, v) in enumerate(per_layer_bhtd):
+        cache.update(k, v, layer)
     tokens = _tokens()
     with kvstore.open(f"memory://{uuid.uuid4().hex}") as s:
         for form in (kv, per_layer_bhtd, per_layer_thd, cache, kv.float()):  # a float32 source is cast once

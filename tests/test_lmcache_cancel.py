@@ -18,10 +18,10 @@ pytest.importorskip("lmcache.v1.storage_backend.connector", reason="lmcache is n
 torch = pytest.importorskip("torch")
 
 from lmcache.v1.memory_management import MemoryFormat  # noqa: E402
-
-from kvstore.testing.faults import FaultProxy  # noqa: E402
 from test_lmcache_connector import CHUNK, HIDDEN, key, make_manager, storage_plugin_config  # noqa: E402
 from test_lmcache_faults import bucket, connector_for, full_chunk, loop, moto, run  # noqa: E402,F401
+
+from kvstore.testing.faults import FaultProxy  # noqa: E402
 
 pytestmark = [pytest.mark.servers, pytest.mark.lmcache, pytest.mark.timeout(120)]
 BACKENDS = ["crt", "obstore", "fsspec"]

@@ -13,13 +13,13 @@ pytest.importorskip("lmcache.v1.storage_backend.connector", reason="lmcache is n
 torch = pytest.importorskip("torch")
 
 from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
+from lmcache.v1.memory_management import MemoryFormat  # noqa: E402
 from lmcache.v1.storage_backend.connector import CreateConnector  # noqa: E402
 from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend  # noqa: E402
-from lmcache.v1.memory_management import MemoryFormat  # noqa: E402
+from test_lmcache_connector import CHUNK, HIDDEN, key, lmcache_metadata  # noqa: E402
 
 from kvstore.testing.faults import FaultProxy  # noqa: E402
 from kvstore.testing.servers import virtual_hosting_works  # noqa: E402
-from test_lmcache_connector import CHUNK, HIDDEN, key, lmcache_metadata  # noqa: E402
 
 PLUGIN_KEYS = {"remote_storage_plugin.kvstore.module_path": "kvstore.lmcache",
                "remote_storage_plugin.kvstore.class_name": "KVStoreConnectorAdapter"}
@@ -96,7 +96,7 @@ def test_connector_recovers_after_outage_without_restart(loop, moto, bucket):
         obj = full_chunk(backend, 2)
         proxy.refuse()
         for _ in range(3):
-            with pytest.raises(Exception):
+            with pytest.raises(Exception):  # noqa: B017 - LMCache's connector raises its own types
                 run(loop, inner.put(key(2), obj))
         assert run(loop, inner.ping()) == 1
         proxy.clear()

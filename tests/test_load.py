@@ -77,7 +77,7 @@ def test_mixed_operations_from_many_threads(store):
                     store.exists(key)
                 else:
                     store.delete(key)
-        except BaseException as exc:  # noqa: BLE001 - reported below with its thread
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(THREADS)]

@@ -16,23 +16,13 @@ import pytest
 
 import kvstore
 from kvstore import PreconditionFailed, StoreTimeout
-from kvstore.backends import backend_class
 from kvstore.testing.faults import Fault, FaultProxy
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(120)]
-BACKENDS = ["crt", "obstore", "fsspec"]
 TIMEOUT_S = 2.0
 # docs/reliability.md, "One deadline per operation": how long past timeout_s a call may end.
 GRACE_S = 1.0
 
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    try:
-        backend_class(request.param)
-    except (ImportError, ModuleNotFoundError) as exc:
-        pytest.skip(f"{request.param} backend not available: {exc}")
-    return request.param
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from kvstore import InvalidKey, KVStoreError, PreconditionFailed, StoreUnavailab
 from kvstore.backends import call
 from kvstore.backends.base import Backend
 from kvstore.layers.base import Layer
-from kvstore.layers.retry import RetryLayer
 from kvstore.layers.metrics import MetricsLayer
+from kvstore.layers.retry import RetryLayer
 
 np = pytest.importorskip("numpy")
 

@@ -8,12 +8,12 @@ mapping (those are layers, see ``kvstore.layers``). Every method is blocking and
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterator, Mapping
+from typing import ClassVar
 
 from kvstore.config import StoreConfig
 from kvstore.errors import BufferTooSmall, ConfigError, IntegrityError
-
 
 OnChunk = Callable[[int, memoryview], None]
 """``on_chunk(offset, view)``: a piece of an object that has just landed in the caller's buffer."""
@@ -104,7 +104,7 @@ class Backend(abc.ABC):
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object whose name starts with ``prefix`` (``key`` set to the full name), any order."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a backend without resources has nothing to release
         """Release clients, threads and sockets. Idempotent."""
 
 

@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from kvstore.errors import KVStoreError
 
@@ -56,7 +56,7 @@ class BufferLease:
     def copy_into(self, dst: memoryview, src: object) -> None:
         """``dst[:] = src`` while the lease is live."""
         with self.writing():
-            dst[:] = src  # type: ignore[index]
+            dst[:] = src  # type: ignore[call-overload]
 
     def on_revoke(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` (stop the transfer: cancel a request, drop a stream) when revoked; at once if already."""
@@ -125,9 +125,23 @@ def copy_into(dst: memoryview, src: object) -> None:
     """Copy ``src`` into ``dst`` through the current call's lease (a plain copy outside a call)."""
     call = _current.get()
     if call is None or call.lease is None:
-        dst[:] = src  # type: ignore[index]
+        dst[:] = src  # type: ignore[call-overload]
     else:
         call.lease.copy_into(dst, src)
+
+
+def land_piece(lease: BufferLease | None, buffer: memoryview, start: int, piece: object,
+               on_chunk: Callable[[int, memoryview], None] | None) -> int:
+    """Copy one arrived piece into ``buffer`` at ``start`` (through ``lease`` when there is one),
+    hand it to ``on_chunk``, and return where the next piece goes."""
+    end = start + len(piece)  # type: ignore[arg-type]
+    if lease is None:
+        buffer[start:end] = piece  # type: ignore[call-overload]
+    else:
+        lease.copy_into(buffer[start:end], piece)
+    if on_chunk:
+        on_chunk(start, buffer[start:end])
+    return end
 
 
 def lease() -> BufferLease | None:

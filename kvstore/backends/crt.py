@@ -18,7 +18,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from awscrt import auth as crt_auth
@@ -29,9 +29,25 @@ from awscrt import s3 as crt_s3
 from kvstore.backends import call
 from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
 from kvstore.backends.crt_http import (
-    EMPTY_RANGE_SYMPTOMS, META_PREFIX, Abandoned, Collect, ObjectMissing, Sink, ViewReader, body_checksum_header,
-    crt_error, delete_body, delete_failures, encode_path, encode_query, header, http_date, iter_batches, object_size,
-    parse_list_page, user_metadata,
+    EMPTY_RANGE_SYMPTOMS,
+    META_PREFIX,
+    Abandoned,
+    Collect,
+    ObjectMissing,
+    Sink,
+    ViewReader,
+    body_checksum_header,
+    crt_error,
+    delete_body,
+    delete_failures,
+    encode_path,
+    encode_query,
+    header,
+    http_date,
+    iter_batches,
+    object_size,
+    parse_list_page,
+    user_metadata,
 )
 from kvstore.backends.s3errors import from_status
 from kvstore.errors import BucketNotFound, StoreTimeout, StoreUnavailable

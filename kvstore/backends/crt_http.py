@@ -10,8 +10,8 @@ import io
 import socket
 import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator, Sequence
 from email.utils import parsedate_to_datetime
-from typing import Iterable, Iterator, Sequence
 from urllib.parse import quote, urlsplit
 
 from kvstore.backends.base import PIECE, OnChunk, ReadResult

@@ -23,11 +23,16 @@ import os
 import secrets
 import stat
 import struct
-from typing import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, read_exactly
 from kvstore.backends.file_paths import (
-    FILE_FLAGS, Tree, Vanished, close_all, decode_segment, object_parts,
+    FILE_FLAGS,
+    Tree,
+    Vanished,
+    close_all,
+    decode_segment,
+    object_parts,
 )
 from kvstore.backends.file_temp import remove_stale, stale
 from kvstore.errors import IntegrityError, PreconditionFailed, StoreUnavailable

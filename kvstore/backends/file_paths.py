@@ -18,7 +18,7 @@ import contextlib
 import errno
 import os
 import stat
-from typing import Iterator
+from collections.abc import Iterator
 from urllib.parse import quote, unquote
 
 from kvstore.errors import BucketNotFound, InvalidKey, KVStoreError, StoreUnavailable

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from kvstore.backends.file_paths import DIR_FLAGS, Tree, Vanished, close_all, is_temp
 from kvstore.errors import KVStoreError

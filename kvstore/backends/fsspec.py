@@ -7,13 +7,19 @@ bounded by the operation's deadline); other filesystems use fsspec's blocking AP
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import fsspec
 
 from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, read_exactly
 from kvstore.errors import (
-    AuthError, BucketNotFound, BufferTooSmall, ConfigError, IntegrityError, KVStoreError, StoreTimeout,
+    AuthError,
+    BucketNotFound,
+    BufferTooSmall,
+    ConfigError,
+    IntegrityError,
+    KVStoreError,
+    StoreTimeout,
     StoreUnavailable,
 )
 
@@ -66,7 +72,7 @@ class FsspecBackend(Backend):
         """After a miss: ``BucketNotFound`` when the root itself is absent."""
         try:
             exists = self.fs.exists(self.root)
-        except Exception as exc:  # noqa: BLE001 - fsspec implementations raise many kinds
+        except Exception as exc:
             raise self._error(exc, "check root") from exc
         if not exists:
             raise BucketNotFound(f"{self.root!r} does not exist")
@@ -81,7 +87,7 @@ class FsspecBackend(Backend):
         except FileNotFoundError:
             self._check_root()
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._error(exc, f"PUT {name!r}") from exc
 
     def _put_file(self, path: str, data: memoryview, if_absent: bool) -> None:
@@ -110,7 +116,7 @@ class FsspecBackend(Backend):
             return None
         except (BufferTooSmall, IntegrityError):
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._error(exc, f"GET {name!r}") from exc
 
     def head(self, name: str) -> ObjectInfo | None:
@@ -121,7 +127,7 @@ class FsspecBackend(Backend):
         except FileNotFoundError:
             self._check_root()
             return None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._error(exc, f"HEAD {name!r}") from exc
         if info.get("type") != "file":
             return None
@@ -136,7 +142,7 @@ class FsspecBackend(Backend):
             self.fs.rm_file(self._path(name))
         except FileNotFoundError:
             return False
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._error(exc, f"DELETE {name!r}") from exc
         return True
 
@@ -158,7 +164,7 @@ class FsspecBackend(Backend):
             found = self.fs.find(start, detail=True)
         except FileNotFoundError:
             return
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise self._error(exc, f"LIST {prefix!r}") from exc
         for path, info in found.items():
             name = self._name(path)

@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from kvstore.backends import call
 from kvstore.backends.base import PIECE, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
 from kvstore.backends.s3errors import from_status
 from kvstore.backends.s3probe import BucketProbe, crc32c_b64, crc32c_b64_of, run_bounded
 from kvstore.errors import (
-    BackendUnavailable, BucketNotFound, BufferTooSmall, IntegrityError, KVStoreError, StoreTimeout, StoreUnavailable,
+    BackendUnavailable,
+    BucketNotFound,
+    BufferTooSmall,
+    IntegrityError,
+    KVStoreError,
+    StoreTimeout,
+    StoreUnavailable,
 )
 
 _HEAD_CONCURRENCY = 16
@@ -51,7 +58,7 @@ class S3Ops:
             return run_bounded(self.fs.loop, go(), what, self.config.timeout_s)
         except KVStoreError:
             raise
-        except Exception as exc:  # noqa: BLE001 - every client failure is translated
+        except Exception as exc:
             raise self._error(exc, what) from exc
 
     def _error(self, exc: BaseException, what: str) -> KVStoreError:
@@ -138,7 +145,7 @@ class S3Ops:
         async def read(s3) -> ReadResult | None:
             try:
                 response = await s3.get_object(Bucket=self.bucket, Key=name)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if self._is_miss(exc):
                     return None
                 raise
@@ -154,14 +161,7 @@ class S3Ops:
                     chunk = await body.read(min(PIECE, size - done))
                     if not chunk:
                         raise IntegrityError(f"{name!r}: {done} of {size} bytes arrived")
-                    end = done + len(chunk)
-                    if lease is None:
-                        buffer[done:end] = chunk
-                    else:
-                        lease.copy_into(buffer[done:end], chunk)
-                    if on_chunk:
-                        on_chunk(done, buffer[done:end])
-                    done = end
+                    done = call.land_piece(lease, buffer, done, chunk, on_chunk)
             finally:
                 body.close()
             return ReadResult(size, dict(response.get("Metadata") or {}))
@@ -177,7 +177,7 @@ class S3Ops:
         async def head(s3) -> ObjectInfo | None:
             try:
                 out = await s3.head_object(Bucket=self.bucket, Key=name)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if self._is_miss(exc):
                     return None
                 raise
@@ -228,7 +228,7 @@ class S3Ops:
                 async with gate:
                     try:
                         await s3.head_object(Bucket=self.bucket, Key=name)
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         if self._is_miss(exc):
                             return False
                         raise
@@ -261,7 +261,7 @@ class S3Ops:
 async def _quietly(coro) -> None:
     try:
         await coro
-    except Exception:  # noqa: BLE001 - best effort: the upload's own error is what the caller sees
+    except Exception:
         pass
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 from kvstore.backends import call
 from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import timedelta
-from typing import Awaitable, Callable, Iterator, Mapping, TypeVar
+from typing import TypeVar
 
 import obstore
 from obstore import exceptions as obx
@@ -27,8 +28,15 @@ from kvstore.backends.base import PIECE, Backend, Capabilities, ObjectInfo, OnCh
 from kvstore.backends.s3errors import error_code, from_status
 from kvstore.backends.s3probe import BucketProbe, LoopThread, run_bounded
 from kvstore.errors import (
-    AuthError, BucketNotFound, BufferTooSmall, ConfigError, IntegrityError, KVStoreError,
-    PreconditionFailed, StoreTimeout, StoreUnavailable,
+    AuthError,
+    BucketNotFound,
+    BufferTooSmall,
+    ConfigError,
+    IntegrityError,
+    KVStoreError,
+    PreconditionFailed,
+    StoreTimeout,
+    StoreUnavailable,
 )
 
 # obstore reports these standard headers among an object's attributes; everything else is x-amz-meta-*.
@@ -64,7 +72,7 @@ class ObstoreBackend(Backend):
             return run_bounded(self._loop.loop, go(), what, self.config.timeout_s)
         except KVStoreError:
             raise
-        except Exception as exc:  # noqa: BLE001 - every obstore failure is translated
+        except Exception as exc:
             raise self._error(exc, what, store) from exc
 
     def _error(self, exc: Exception, what: str, used: S3Store | None = None) -> KVStoreError:
@@ -101,7 +109,7 @@ class ObstoreBackend(Backend):
             return StoreUnavailable(f"{what}: {message}", connection=True)
         return StoreUnavailable(f"{what}: {message}", retryable=False)
 
-    def _miss(self, miss: "_Miss", name: str, what: str) -> None:
+    def _miss(self, miss: _Miss, name: str, what: str) -> None:
         """A 404: a miss when the bucket exists, ``BucketNotFound`` otherwise (a HEAD 404 has no body)."""
         if error_code(str(miss.exc)) == "NoSuchBucket":
             raise self._error(miss.exc, what) from miss.exc
@@ -150,13 +158,7 @@ class ObstoreBackend(Backend):
                     end = done + len(chunk)
                     if end > size:
                         raise IntegrityError(f"{name!r} sent more than its advertised {size} bytes")
-                    if lease is None:
-                        buffer[done:end] = chunk
-                    else:
-                        lease.copy_into(buffer[done:end], chunk)
-                    if on_chunk:
-                        on_chunk(done, buffer[done:end])
-                    done = end
+                    done = call.land_piece(lease, buffer, done, chunk, on_chunk)
             except obx.BaseError as exc:
                 raise self._error(exc, f"GET {name!r}") from exc
             if done != size:
@@ -319,5 +321,5 @@ def _profile_credentials(profile_name: str | None):
                           key="aws_profile") from None
     try:
         return Boto3CredentialProvider(boto3.Session(profile_name=profile_name))
-    except Exception as exc:  # noqa: BLE001 - botocore raises many kinds for a bad profile
+    except Exception as exc:
         raise ConfigError(f"AWS profile {profile_name!r}: {type(exc).__name__}", key="aws_profile") from None

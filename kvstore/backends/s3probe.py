@@ -16,11 +16,13 @@ import asyncio
 import base64
 import concurrent.futures
 import threading
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from kvstore.backends import call
 from kvstore.errors import StoreTimeout
 from kvstore.layers.integrity import CRC_KEY, crc32c
+
 # How long a timed-out or abandoned call waits for its coroutine to wind down (close its
 # connection) before it returns anyway: the coroutine is cancelled, so it writes nothing more.
 CANCEL_GRACE_S = 0.5

@@ -12,8 +12,9 @@ import asyncio
 import socket
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 from urllib.parse import quote, urlsplit
 
 from kvstore.bench.null_endpoint import payload
@@ -37,7 +38,7 @@ class Target:
     secret_key: str | None = field(repr=False)
 
     @classmethod
-    def resolve(cls, url: str, extra_config: dict[str, Any]) -> "Target":
+    def resolve(cls, url: str, extra_config: dict[str, Any]) -> Target:
         import kvstore
 
         config = kvstore.resolve(url, extra_config)

@@ -321,7 +321,7 @@ class NullEndpoint:
                 self._process.kill()
                 self._process.wait()
 
-    def __enter__(self) -> "NullEndpoint":
+    def __enter__(self) -> NullEndpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

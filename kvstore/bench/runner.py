@@ -13,8 +13,9 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from kvstore.bench.contenders import Contender
 
@@ -95,7 +96,7 @@ class PeakRss:
     def growth(self) -> int:
         return self.peak - self.start
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self._thread.start()
         return self
 

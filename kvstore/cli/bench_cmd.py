@@ -6,7 +6,8 @@ import argparse
 import contextlib
 import json
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from kvstore.cli.common import add_store_arguments, print_table, url_and_config
 

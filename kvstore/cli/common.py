@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from kvstore.errors import ConfigError, KVStoreError
 
@@ -42,19 +43,9 @@ def load_extra_config(path: str | None, sets: Sequence[str]) -> dict[str, Any]:
 
 
 def _load_file(path: str) -> dict[str, Any]:
-    import yaml
+    from kvstore.lmcache.config_gen import read_file
 
-    try:
-        with open(path) as f:
-            loaded = yaml.safe_load(f)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML or JSON: {exc}") from exc
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path} must hold a mapping of key: value, got {type(loaded).__name__}")
+    loaded = read_file(path)
     if "extra_config" not in loaded and "remote_url" not in loaded:
         return loaded
     # An LMCache config file: take its extra_config, and the top-level keys storage understands.
@@ -100,9 +91,9 @@ def url_and_config(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]
 
 
 def _check_same_store(url: str, file_url: str, path: str) -> None:
-    from kvstore.config.profiles import detect
-
     import os
+
+    from kvstore.config.profiles import detect
 
     def store(text: str) -> tuple:
         d = detect(text)

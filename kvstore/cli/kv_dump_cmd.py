@@ -220,7 +220,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
             for name, tokens, kv in prompts:
                 done = [0, 0]
 
-                def progress(chunks: int, nbytes: int) -> None:
+                def progress(chunks: int, nbytes: int, done: list[int] = done) -> None:
                     update(chunks - done[0])
                     done[0] = chunks
                     update.bar.set_postfix_str(human_bytes(nbytes), refresh=False)

@@ -86,7 +86,7 @@ def tls_hint(args: argparse.Namespace, exc: BaseException) -> str:
         url, extra = url_and_config(args)
         config = kvstore.resolve(url, extra)
         explicit_port = urlsplit(config.base_endpoint).port is not None
-    except Exception:  # noqa: BLE001 - no configuration to judge by: no hint
+    except Exception:
         return ""
     # An explicit port is where self-hosted servers (MinIO, Ceph, moto) answer plain HTTP.
     return f" ({TLS_HINT})" if config.is_s3 and config.tls and explicit_port else ""

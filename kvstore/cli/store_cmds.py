@@ -6,7 +6,13 @@ import argparse
 import sys
 
 from kvstore.cli.common import (
-    EXIT_FAILED, add_json_argument, add_store_arguments, human_bytes, open_store, print_json, print_table,
+    EXIT_FAILED,
+    add_json_argument,
+    add_store_arguments,
+    human_bytes,
+    open_store,
+    print_json,
+    print_table,
     url_and_config,
 )
 

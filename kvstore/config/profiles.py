@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 from kvstore.config.keys import redact_url

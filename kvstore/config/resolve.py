@@ -8,14 +8,22 @@ defaults. ``kvstore_profile`` / ``kvstore_backend`` override detection. Pure: re
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from kvstore.config import keys as K
 from kvstore.config.profiles import (
-    AZ_REGIONS, MiB, PROFILES, Detected, detect, detect_endpoint_host, express_zone,
-    s3express_host, valid_bucket,
+    AZ_REGIONS,
+    PROFILES,
+    Detected,
+    MiB,
+    detect,
+    detect_endpoint_host,
+    express_zone,
+    s3express_host,
+    valid_bucket,
 )
 from kvstore.errors import ConfigError
 
@@ -165,7 +173,7 @@ class StoreConfig:
             result[name] = {"value": list(value) if isinstance(value, tuple) else value, "source": source}
         return result
 
-    def with_overrides(self, **changes: Any) -> "StoreConfig":
+    def with_overrides(self, **changes: Any) -> StoreConfig:
         """A copy with some fields changed (sources marked as overridden)."""
         sources = dict(self.sources)
         sources.update({name: "override" for name in changes})

@@ -8,8 +8,9 @@ midway and run again writes only what is missing.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from kvstore.errors import BucketNotFound, ConfigError
 from kvstore.kv.concurrency import parallel_map

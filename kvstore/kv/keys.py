@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from kvstore.errors import BackendUnavailable
 from kvstore.kv.layout import KVLayout

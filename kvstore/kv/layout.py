@@ -67,7 +67,7 @@ class KVLayout:
 
     # -- constructors ------------------------------------------------------------------------
     @classmethod
-    def from_lmcache_metadata(cls, meta: Any) -> "KVLayout":
+    def from_lmcache_metadata(cls, meta: Any) -> KVLayout:
         """From an ``LMCacheMetadata`` (its ``kv_shape`` is ``(L, 2 or 1, chunk, H, D)``)."""
         num_layers, kv_size, chunk_size, heads, head_dim = meta.kv_shape
         mla = bool(getattr(meta, "use_mla", False)) or kv_size == 1
@@ -75,7 +75,7 @@ class KVLayout:
                    "KV_MLA_FMT" if mla else "KV_2LTD")
 
     @classmethod
-    def from_hf_config(cls, config: Any, *, dtype: Any = None, chunk_size: int = 256) -> "KVLayout":
+    def from_hf_config(cls, config: Any, *, dtype: Any = None, chunk_size: int = 256) -> KVLayout:
         """From a transformers ``PretrainedConfig`` (or its dict); dtype defaults to the config's."""
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         layers = get("num_hidden_layers")

@@ -9,7 +9,8 @@ source into a fresh contiguous tensor: that copy is the only one its bytes ever 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kvstore.errors import ConfigError
 from kvstore.kv.layout import KVLayout

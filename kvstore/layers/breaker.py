@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from kvstore.errors import StoreTimeout, StoreUnavailable
 from kvstore.layers.base import Layer

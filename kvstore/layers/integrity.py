@@ -7,7 +7,7 @@ check the backends always do.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from kvstore.backends.base import OnChunk, ReadResult
 from kvstore.errors import BackendUnavailable, IntegrityError

@@ -9,7 +9,8 @@ Every scrape reads a fresh snapshot, so nothing is double-counted and nothing ne
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from kvstore.errors import BackendUnavailable
 

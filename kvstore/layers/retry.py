@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from typing import Callable, Mapping, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from kvstore.backends import call as calls
 from kvstore.errors import IntegrityError, PreconditionFailed, StoreTimeout, StoreUnavailable

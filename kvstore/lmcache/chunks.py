@@ -7,11 +7,10 @@ wrote the chunk can allocate the right buffer, short last chunks included.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
-
 from lmcache.v1.memory_management import MemoryFormat, MemoryObj
 
 from kvstore.lmcache.naming import META_DTYPES, META_FMT, META_SHAPES, META_TOKENS
@@ -35,7 +34,7 @@ class ChunkLayout:
     def tokens(self) -> int:
         return int(self.shapes[0][TOKEN_DIM]) if len(self.shapes[0]) == 4 else 0
 
-    def with_tokens(self, tokens: int) -> "ChunkLayout":
+    def with_tokens(self, tokens: int) -> ChunkLayout:
         shapes = [torch.Size([*s[:TOKEN_DIM], tokens, *s[TOKEN_DIM + 1:]]) for s in self.shapes]
         return ChunkLayout(shapes, self.dtypes, self.fmt)
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from kvstore.config import StoreConfig, resolve
 from kvstore.config import keys as K
@@ -145,8 +146,10 @@ def read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML or JSON: {exc}") from exc
+    if loaded is None:
+        return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path} must hold a mapping, got {type(loaded).__name__}")
+        raise ConfigError(f"{path} must hold a mapping of key: value, got {type(loaded).__name__}")
     return loaded
 
 
@@ -160,7 +163,7 @@ def check_adapter_params(params: Mapping[str, Any]) -> None:
     misplaced = [k for k in TOP_LEVEL_KEYS if k in params]
     if misplaced:
         names = ", ".join(repr(k) for k in misplaced)
-        example = '{"type": "plugin", ..., "adapter_params": {...}, "%s": ...}' % misplaced[0]
+        example = '{"type": "plugin", ..., "adapter_params": {...}, "' + misplaced[0] + '": ...}'
         raise ConfigError(
             f"{names} inside adapter_params of the kvstore L2 spec, where LMCache never reads it: put it at the "
             f"top level of the --l2-adapter spec, next to adapter_params ({example}); "

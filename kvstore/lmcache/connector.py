@@ -19,7 +19,8 @@ import asyncio
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from lmcache.utils import CacheEngineKey
 from lmcache.v1.memory_management import MemoryObj

@@ -48,7 +48,7 @@ class KVStoreL2AdapterConfig(L2AdapterConfigBase):
         self.store_config = store_config
 
     @classmethod
-    def from_dict(cls, d: dict) -> "KVStoreL2AdapterConfig":
+    def from_dict(cls, d: dict) -> KVStoreL2AdapterConfig:
         """Resolve ``adapter_params``; ConfigError (a ValueError, as LMCache expects) for a misplaced or wrong key."""
         config_gen.check_adapter_params(d)
         return cls(kvstore.resolve(d.get("kvstore_url"), d))

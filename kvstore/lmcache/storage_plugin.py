@@ -19,8 +19,9 @@ import asyncio
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from lmcache.utils import CacheEngineKey
 from lmcache.v1.memory_management import MemoryObj

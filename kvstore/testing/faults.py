@@ -17,8 +17,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 MAX_CONNECTIONS = 128
 _BUFSIZE = 256 * 1024
@@ -72,7 +72,7 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.port}"
 
     # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         self._listen()
         return self
 
@@ -105,7 +105,7 @@ class FaultProxy:
         for thread in threads:
             thread.join(2)
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -225,7 +225,7 @@ class FaultProxy:
         while self._listener is listener:
             try:
                 client, _ = listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -152,7 +152,7 @@ class S3ExpressGateway:
     def _servers(self) -> list[ThreadingHTTPServer]:
         return [self._server] + ([self._tls_server] if self._tls_server else [])
 
-    def start(self) -> "S3ExpressGateway":
+    def start(self) -> S3ExpressGateway:
         for server in self._servers():
             thread = threading.Thread(target=server.serve_forever, name="s3express-gateway", daemon=True)
             thread.start()
@@ -166,7 +166,7 @@ class S3ExpressGateway:
         for thread in self._threads:
             thread.join(5)
 
-    def __enter__(self) -> "S3ExpressGateway":
+    def __enter__(self) -> S3ExpressGateway:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -289,7 +289,7 @@ def _handler_for(gateway: S3ExpressGateway) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        def log_message(self, format: str, *args: object) -> None:
             pass
 
         def _answer(self, status: int, body: bytes, content_type: str = "application/xml") -> None:
@@ -384,7 +384,7 @@ def _handler_for(gateway: S3ExpressGateway) -> type[BaseHTTPRequestHandler]:
             with gateway._lock:
                 gateway.requests_served += 1
 
-        def do_CONNECT(self) -> None:  # noqa: N802 - http.server's naming
+        def do_CONNECT(self) -> None:
             host, _, port = self.path.rpartition(":")
             if gateway._zonal_tls is None or port != "443" or not host.endswith(f".{gateway.zonal_domain}"):
                 self._answer(403, _error_xml("AccessDenied", f"this test proxy only tunnels to *.{gateway.zonal_domain}"))

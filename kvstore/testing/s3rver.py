@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 
 from kvstore.testing.servers import (
-    LOOPBACK, Limit, ManagedServer, S3Server, ServerUnavailable, _signed_probe, _tcp_open, _with_port_retry,
+    LOOPBACK,
+    Limit,
+    ManagedServer,
+    S3Server,
+    ServerUnavailable,
+    _signed_probe,
+    _tcp_open,
+    _with_port_retry,
     free_port,
 )
 

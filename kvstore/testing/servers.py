@@ -56,9 +56,10 @@ import urllib.error
 import urllib.request
 import uuid
 import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 __all__ = [
     "SERVER_NAMES",
@@ -223,7 +224,7 @@ class S3Server:
 
     @classmethod
     def on_loopback(cls, name: str, port: int, access_key: str, secret_key: str,
-                    vhost_domain: str = "localhost") -> "S3Server":
+                    vhost_domain: str = "localhost") -> S3Server:
         """A server listening on 127.0.0.1, virtual-hosted through ``*.<vhost_domain>`` where that resolves."""
         return cls(name=name, host=LOOPBACK, port=port, access_key=access_key, secret_key=secret_key,
                    region=DEFAULT_REGION,
@@ -366,7 +367,7 @@ class S3Server:
 # Process management
 
 
-_LIVE: "weakref.WeakSet[ManagedServer]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[ManagedServer] = weakref.WeakSet()
 
 
 @atexit.register
@@ -554,7 +555,7 @@ class ManagedServer:
 
     # -- public API ----------------------------------------------------------------------------
 
-    def __enter__(self) -> "ManagedServer":
+    def __enter__(self) -> ManagedServer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -850,7 +851,7 @@ class MotoServer(ManagedServer):
                 ),
             )
             key = iam.create_access_key(UserName="kvstore")["AccessKey"]
-        except Exception as e:  # noqa: BLE001 - report with the server log
+        except Exception as e:
             raise self._fail(f"creating the IAM user failed: {e!r}") from e
         return key["AccessKeyId"], key["SecretAccessKey"]
 
@@ -1106,7 +1107,7 @@ class CephServer(ManagedServer):
 
         # The first boot right after 'osd new' sometimes dies with "mon_cmd_maybe_osd_create fail:
         # 'wrong fsid'": start it again.
-        for attempt in range(5):
+        for _attempt in range(5):
             self._osd = self._spawn(["ceph-osd", *c, "-f", "-i", "0"], "ceph-osd.out")
             boot_deadline = min(deadline, time.monotonic() + 20)
             while not osd_up():

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import kvstore
 from kvstore.errors import BufferTooSmall, InvalidKey, PreconditionFailed

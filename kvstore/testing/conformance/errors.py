@@ -11,7 +11,7 @@ import asyncio
 import socket
 import time
 import uuid
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from kvstore.config import Credentials
 from kvstore.config.profiles import express_zone

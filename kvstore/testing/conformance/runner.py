@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 import traceback
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 from xml.etree import ElementTree
 
 import kvstore
