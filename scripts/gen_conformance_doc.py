@@ -75,6 +75,10 @@ QUIRKS = """\
   the keys in parallel and can answer 500 after deleting them all (the removal of an emptied
   "directory" races), which a retried `delete_many` must not report as "was not there".
   `ListMultipartUploads` is not implemented. What it does not implement at all is below.
+- **Upload checksums.** SeaweedFS validates `x-amz-checksum-crc32c` and refuses a body damaged on
+  the way (`BadDigest`); moto (and the S3 Express gateway in front of it) stores what it receives;
+  Ceph RGW and s3rver are not tested for it. crt and fsspec send the checksum, obstore cannot
+  (see [Reliability](reliability.md#the-server-verifies-what-we-upload)).
 - **Virtual-hosted addressing** on loopback needs `bucket.localhost` names to resolve; where they
   do not, the `-virtual` cells skip. s3rver takes `bucket.s3.localhost` (it reads `bucket.localhost`
   as a bucket named `bucket.localhost`).
