@@ -90,8 +90,9 @@ class Call:
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
         self.lease = lease
-        # Names an earlier attempt of this call saw before it sent a delete (see ``existed``).
-        self.present: set[str] = set()
+        # Names an earlier attempt of this call saw before it sent a delete (see ``existed``);
+        # None until a delete needs it, so that reads and writes allocate nothing for it.
+        self.present: set[str] | None = None
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -160,5 +161,7 @@ def existed(names: list[str], present: list[bool]) -> list[bool]:
     call = _current.get()
     if call is None:
         return present
-    call.present.update(n for n, there in zip(names, present) if there)
-    return [there or n in call.present for n, there in zip(names, present)]
+    seen = call.present if call.present is not None else set()
+    call.present = seen
+    seen.update(n for n, there in zip(names, present) if there)
+    return [there or n in seen for n, there in zip(names, present)]
