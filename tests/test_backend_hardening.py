@@ -238,6 +238,39 @@ def test_a_miss_costs_one_request_once_the_bucket_is_known(proxied, backend):
             assert proxy.responses - before == 1
 
 
+def _innermost(store):
+    backend = store.backend
+    while hasattr(backend, "inner"):
+        backend = backend.inner
+    return backend
+
+
+@pytest.mark.parametrize("name", ["crt", "obstore", "fsspec"])
+def test_an_object_replaced_by_a_larger_one_between_head_and_get_is_read_whole(moto, unique_name, name):
+    """A backend that sizes its buffer with a HEAD (fsspec) sizes it again when the object grew."""
+    bucket = unique_name("grow")
+    moto.create_bucket(bucket)
+    small, large = b"s" * 1000, bytes(range(256)) * 12
+    with open_store(moto, bucket, name, kvstore_timeout_s=20) as store, \
+            open_store(moto, bucket, name, kvstore_timeout_s=20) as writer:
+        store.put("k", small)
+        inner = _innermost(store)
+        head, replaced = inner.head, []
+
+        def head_then_replace(object_name):
+            info = head(object_name)
+            if not replaced:  # another writer replaces the object after our HEAD, before our GET
+                replaced.append(True)
+                writer.put("k", large)
+            return info
+
+        inner.head = head_then_replace
+        if name != "fsspec":  # these read with one GET and no HEAD: the replacement comes first
+            writer.put("k", large)
+        assert store.get("k") == large
+        assert store.get("k") == large
+
+
 # -- §13.3: the server verifies what we upload ----------------------------------------------------
 @pytest.fixture
 def seaweed(s3_servers, unique_name):

@@ -112,3 +112,16 @@ def test_null_endpoint_serves_ranges_heads_and_lists(null_endpoint):
 
     with pytest.raises(client.exceptions.NoSuchKey):
         client.get_object(Bucket="b", Key="dir/missing")
+
+
+def test_a_bench_of_every_backend_and_client_ends_without_asyncio_or_thread_complaints():
+    """Run in a process of its own: a task left pending or a loop closed under a client prints at exit."""
+    argv = ["bench", "--server", "null", "--size", "1MiB", "--count", "4", "--concurrency", "2", "--rounds", "1",
+            "--ops", "put,get,get_into", "--backends", "crt,obstore,fsspec", "--baselines", "awscrt,obstore,s3fs",
+            "--quiet"]
+    result = subprocess.run([sys.executable, "-X", "dev", "-c", "import sys; from kvstore.cli.main import main; "
+                             "sys.exit(main(sys.argv[1:]))", *argv], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    for complaint in ("Task was destroyed", "Event loop is closed", "was never awaited", "Exception ignored",
+                      "Unclosed", "Traceback"):
+        assert complaint not in result.stderr, result.stderr

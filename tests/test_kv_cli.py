@@ -144,6 +144,8 @@ extra_config:
         LMCacheEngineBuilder.destroy("kv-cli-file")
     assert main(["kv", "verify", "-c", str(config), "--model", "org/m", "--input", str(path)]) == 0
     capsys.readouterr()
+    code, out = _run(capsys, "kv", "ls", "-c", str(config), "--long", "--json")  # the store comes from the file
+    assert code == 0 and sorted(c["tokens"] for c in json.loads(out)) == [64, 64]
     code = main(["kv", "verify", "-c", str(config), "--model", "org/m", "--input", str(path), "--json",
                  "--chunk-size", "32"])
     assert code == EXIT_FAILED and "--chunk-size overrides chunk_size: 64" in capsys.readouterr().err
@@ -183,3 +185,59 @@ def test_damaged_chunks_are_reported_per_chunk_and_the_rest_is_checked(tmp_path,
     assert code == EXIT_FAILED and sorted(c["status"] for c in json.loads(out)) == ["corrupt"] + ["ok"] * 4
     code, out = _run(capsys, "kv", "stat", url, "--json")
     assert code == EXIT_FAILED and json.loads(out)["models"][0]["damaged"] == 1
+
+
+def _stderr_on_a_terminal(*argv: str) -> tuple[int, str]:
+    """Run the CLI with stderr on a pseudo-terminal, as a user at a shell sees it; (exit code, stderr)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty has 0 columns
+    code = "import sys; from kvstore.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    process = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL, stderr=slave,
+                               env={**os.environ, "PYTHONHASHSEED": "0"})
+    os.close(slave)
+    seen = bytearray()
+    while True:
+        try:
+            piece = os.read(master, 4096)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not piece:
+            break
+        seen += piece
+    os.close(master)
+    return process.wait(timeout=60), seen.decode(errors="replace")
+
+
+def test_long_listings_verify_and_gc_draw_a_progress_bar_on_a_terminal_only(tmp_path, prompts, capsys):
+    url = str(tmp_path / "store")
+    common = ("--model", "org/m", "--input", prompts, "--chunk-size", "8")
+    assert _run(capsys, "dump", url, *common, "--json")[0] == 0
+    for argv in (("kv", "ls", "-l", url), ("kv", "verify", url, *common), ("kv", "gc", url, "--max-bytes", "0")):
+        code, stderr = _stderr_on_a_terminal(*argv)
+        assert code == 0, stderr
+        assert "chunk/s" in stderr or "chunk [" in stderr, f"{argv}: no progress bar on the terminal: {stderr!r}"
+        piped = subprocess.run([sys.executable, "-c", "import sys; from kvstore.cli.main import main; "
+                                "sys.exit(main(sys.argv[1:]))", *argv], capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "PYTHONHASHSEED": "0"})
+        assert piped.returncode == 0 and "chunk/s" not in piped.stderr and "\r" not in piped.stderr, piped.stderr
+
+
+def test_read_only_commands_on_a_missing_file_root_fail_loudly_and_create_nothing(tmp_path, prompts, capsys):
+    missing = tmp_path / "no-such-store"
+    for argv in (["ls", str(missing)], ["get", str(missing), "k"], ["stat", str(missing), "k"],
+                 ["kv", "ls", str(missing)], ["kv", "ls", "-l", str(missing)], ["kv", "stat", str(missing)],
+                 ["kv", "verify", str(missing), "--model", "org/m", "--input", prompts],
+                 ["kv", "gc", str(missing), "--max-bytes", "0"]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 3 and "BucketNotFound" in err and "does not exist" in err, (argv, code, err)
+        said = "kvstore " + " ".join(argv[:2] if argv[0] == "kv" else argv[:1]) + ": BucketNotFound"
+        assert any(line.startswith(said) for line in err.splitlines()), err  # names the subcommand
+        assert not missing.exists(), argv
+    assert main(["conformance", "--list", str(missing)]) == 0  # listing the cases touches no store
+    assert "integrity-altered" in capsys.readouterr().out and not missing.exists()

@@ -23,6 +23,10 @@ OnChunk = Callable[[int, memoryview], None]
 PIECE = 1 << 20
 
 
+# How often ``get`` sizes a buffer again for an object replaced under it.
+_GET_RESIZES = 4
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """What ``stat`` knows of one object. ``key`` is relative to the store's prefix."""
@@ -76,17 +80,29 @@ class Backend(abc.ABC):
         """
 
     def get(self, name: str) -> tuple[bytes | bytearray | memoryview, ReadResult] | None:
-        """The whole object as bytes. The default sizes a buffer with ``head`` first."""
-        info = self.head(name)
-        if info is None:
-            return None
-        buffer = bytearray(info.size)
-        result = self.get_into(name, memoryview(buffer))
-        if result is None:
-            return None
-        if result.size != info.size:  # replaced between HEAD and GET: read again at the new size
-            return self.get(name)
-        return buffer, result
+        """The whole object as bytes. The default sizes a buffer with ``head`` first.
+
+        An object replaced between the HEAD and the GET (larger or smaller) is sized and read
+        again, a few times; one that keeps changing raises the last ``BufferTooSmall``.
+        """
+        for attempt in range(_GET_RESIZES):
+            info = self.head(name)
+            if info is None:
+                return None
+            buffer = bytearray(info.size)
+            try:
+                result = self.get_into(name, memoryview(buffer))
+            except BufferTooSmall:
+                if attempt == _GET_RESIZES - 1:
+                    raise
+                continue
+            if result is None:
+                return None
+            if result.size == info.size:
+                return buffer, result
+            if attempt == _GET_RESIZES - 1:  # shrank again and again: the last read is whole
+                return memoryview(buffer)[: result.size], result
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @abc.abstractmethod
     def head(self, name: str) -> ObjectInfo | None:

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose > 1:
             raise
         code = exit_code_for(exc)
-        print(f"kvstore {args.command}: {type(exc).__name__}: {exc}{tls_hint(args, exc)}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "kv_command", None))))
+        print(f"kvstore {command}: {type(exc).__name__}: {exc}{tls_hint(args, exc)}", file=sys.stderr)
         return code
 
 
