@@ -5,19 +5,22 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 # The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
+# The workspace: the core and every backend distribution in backends/, editable.
+BACKENDS := $(sort $(dir $(wildcard backends/*/pyproject.toml)))
+WORKSPACE := $(foreach b,$(BACKENDS),-e $(b))
 URL ?=
 
 .PHONY: demo test docs docs-gen conformance-doc bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(wildcard backends/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) $(TORCH)
-	$(PIP) -e '.[all]' $(TORCH)
+	$(PIP) -e '.[all]' $(WORKSPACE) $(TORCH)
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(PIP) -e '.[all,test,docs,bench]' $(TORCH)
+	$(PIP) -e '.[all,test,docs,bench]' $(WORKSPACE) $(TORCH)
 	touch $@
 
 demo: $(VENV)/.installed

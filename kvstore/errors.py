@@ -66,12 +66,14 @@ class PreconditionFailed(KVStoreError):
 
 
 class BackendUnavailable(KVStoreError, ImportError):
-    """An optional dependency of the chosen backend is not installed."""
+    """An optional dependency of the chosen backend is not installed.
 
-    def __init__(self, backend: str, module: str, extra: str):
-        super().__init__(
-            f"the {backend!r} backend needs the {module!r} package: "
-            f"pip install 'kvcache-store[{extra}]'"
-        )
+    ``install`` is either a pip extra of kvcache-store (``"prometheus"``) or a whole command
+    (``"pip install ..."``), for backends that come from distributions of their own.
+    """
+
+    def __init__(self, backend: str, module: str, install: str):
+        hint = install if install.startswith("pip ") else f"pip install 'kvcache-store[{install}]'"
+        super().__init__(f"the {backend!r} backend needs the {module!r} package: {hint}")
         self.backend = backend
-        self.extra = extra
+        self.extra = install

@@ -8,8 +8,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from kvstore import plugins
 from kvstore.config.keys import FOREIGN_KEYS, FOREIGN_PREFIXES, KEYS, MAX_IO_THREADS, OWN_PREFIXES
-from kvstore.config.profiles import PROFILES, RULES
+from kvstore.config.profiles import RULES, profile_named, profile_names
 from kvstore.config.resolve import DEFAULTS
 
 TARGET = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -50,7 +51,7 @@ def render() -> str:
         "## URLs that are refused",
         "",
         "- A mangled scheme (`s3:/bucket`, `s3//bucket`, `s3:bucket`), `file:relative`, and a scheme that",
-        "  is neither kvstore's nor a known fsspec protocol: a `ConfigError` (exit 2). Resolving never",
+        "  is neither kvstore's nor claimed by an installed backend: a `ConfigError` (exit 2). Resolving never",
         "  touches the disk. A directory whose name looks like a scheme is written `./s3:/x`.",
         "- `user:password@` in a store URL, in `s3_endpoint_url` or in `AWS_ENDPOINT_URL[_S3]`: refused",
         "  (use `aws_access_key_id` / `aws_secret_access_key`). No error message quotes a password or a",
@@ -82,11 +83,26 @@ def render() -> str:
     out += ["## Defaults", "", "| field | default |", "|---|---|"]
     out += [f"| `{name}` | `{value}` |" for name, value in DEFAULTS.items()]
     out += ["", "## Profiles", "",
-            "| profile | backend | addressing | TLS only | part size (min) | checksum | what |", "|---|---|---|---|---|---|---|"]
-    for p in PROFILES.values():
+            "| profile | backends (default first) | addressing | TLS only | part size (min) | checksum | what |",
+            "|---|---|---|---|---|---|---|"]
+    for name in profile_names():
+        p = profile_named(name)
         addressing = "/".join(p.allowed_addressing) + f" (default {p.addressing})" if p.is_s3 else "-"
         part = f"{p.part_size // 2**20} MiB ({p.min_part_size // 2**20} MiB)" if p.is_s3 else "-"
-        out.append(f"| `{p.name}` | `{p.backend}` | {addressing} | {'yes' if p.tls_only else 'no'} | {part} | {p.checksum} | {p.doc} |")
+        serving = ", ".join(f"`{b.name}`" for b in plugins.serving(name))
+        out.append(f"| `{p.name}` | {serving} | {addressing} | {'yes' if p.tls_only else 'no'} | {part} | {p.checksum} | {p.doc} |")
+    out += ["", "## Backends", "",
+            "Each network backend is a distribution of its own, found through the `kvstore.backends` entry-point",
+            "group (see backends.md); the default of a profile is the installed backend with the highest",
+            "priority that serves it. This table lists the backends installed with `make test`.", "",
+            "| backend | distribution | priority | proxy | what |", "|---|---|---|---|---|"]
+    for b in sorted(plugins.installed().values(), key=lambda b: (-b.priority, b.name)):
+        proxy = ("yes" if b.proxy else "no") if set(b.serves) & set(plugins.S3_PROFILES) else "-"
+        out.append(f"| `{b.name}` | `{b.distribution}` | {b.priority} | {proxy} | {b.doc} |")
+    added = plugins.added_keys()
+    if added:
+        out += ["", "## Keys added by installed backends", "", "| key | backend | type | meaning |", "|---|---|---|---|"]
+        out += [f"| `{name}` | `{owner.name}` | {key.kind} | {key.doc} |" for name, (key, owner) in sorted(added.items())]
     out += ["", "## Detection rules, in order", ""]
     out += [f"{i}. {description}" for i, (description, _, _) in enumerate(RULES, 1)]
     return "\n".join(out) + "\n"

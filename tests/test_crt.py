@@ -9,11 +9,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from kvstore_crt.backend import CANCEL_GRACE_S, SHUTDOWN_WAIT_S, CrtBackend, default_io_threads
+from kvstore_crt.http import Sink as _Sink
+from kvstore_crt.http import encode_path, encode_query
 
 import kvstore
-from kvstore.backends.crt import CANCEL_GRACE_S, SHUTDOWN_WAIT_S, CrtBackend, default_io_threads
-from kvstore.backends.crt_http import Sink as _Sink
-from kvstore.backends.crt_http import encode_path, encode_query
 from kvstore.config import resolve
 from kvstore.errors import (
     AuthError,

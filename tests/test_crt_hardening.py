@@ -17,10 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
+from kvstore_crt.backend import CANCEL_GRACE_S, CrtBackend
 
 import kvstore
 from kvstore.backends import call
-from kvstore.backends.crt import CANCEL_GRACE_S, CrtBackend
 from kvstore.config import resolve
 from kvstore.errors import AuthError, BucketNotFound, KVStoreError, StoreTimeout, StoreUnavailable
 from kvstore.testing.faults import FaultProxy

@@ -18,8 +18,8 @@ from kvstore.errors import BufferTooSmall, ConfigError, IntegrityError
 OnChunk = Callable[[int, memoryview], None]
 """``on_chunk(offset, view)``: a piece of an object that has just landed in the caller's buffer."""
 
-# Bytes a backend lands (and hands to on_chunk) at a time: small enough to stay in cache. obstore
-# streams pieces of at least this size (it joins smaller network chunks up to it).
+# Bytes a backend lands (and hands to on_chunk) at a time: small enough to stay in cache. Streaming
+# backends join smaller network chunks up to it.
 PIECE = 1 << 20
 
 

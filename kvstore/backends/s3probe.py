@@ -1,4 +1,4 @@
-"""Pieces the obstore and fsspec S3 backends share: the bucket probe, bounded async calls, upload checksums.
+"""Pieces the S3 backends built on asyncio clients share: the bucket probe, bounded async calls, upload checksums.
 
 * ``BucketProbe``: a HEAD 404 has no body, so it cannot tell a missing key from a missing bucket.
   One probe per store settles it; any request that reached the bucket proves it too, and a

@@ -24,12 +24,21 @@ def register(sub) -> None:
     p.add_argument("--count", type=int, default=32, help="objects per op per round (default 32)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight, for every client (default 16)")
     p.add_argument("--ops", default="put,get,get_into,exists", help="comma-separated ops")
-    p.add_argument("--backends", default="crt,obstore,fsspec", help="kvstore backends ('' for none)")
+    p.add_argument("--backends", default=None,
+                   help="kvstore backends ('' for none; default: every installed backend that serves S3)")
     p.add_argument("--baselines", default="awscrt,obstore,boto3,s3fs,lmcache", help="raw clients ('' for none)")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up (default 3)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-' for stdout only)")
     p.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
     p.set_defaults(handler=cmd_bench)
+
+
+def _s3_backends() -> str:
+    from kvstore import plugins
+
+    s3 = set(plugins.S3_PROFILES)
+    return ",".join(b.name for b in sorted(plugins.installed().values(), key=lambda b: (-b.priority, b.name))
+                    if s3 & set(b.serves))
 
 
 @contextlib.contextmanager
@@ -101,7 +110,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     url, extra = url_and_config(args)
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     data = bench(url=url, extra=extra, server=args.server, size=parse_size(args.size), count=args.count,
-                 concurrency=args.concurrency, ops=_names(args.ops), backends=_names(args.backends),
+                 concurrency=args.concurrency, ops=_names(args.ops), backends=_names(_s3_backends() if args.backends is None else args.backends),
                  baselines=_names(args.baselines), rounds=args.rounds, log=log)
     if args.json and args.json != "-":
         with open(args.json, "w") as f:

@@ -15,11 +15,14 @@ from kvstore.cli.common import (
     print_table,
     url_and_config,
 )
+from kvstore.errors import ConfigError
 
 
 def register(sub) -> None:
     p = sub.add_parser("resolve", help="show the configuration a URL and extra_config resolve to")
-    add_store_arguments(p)
+    p.add_argument("url", nargs="?", help="store URL (s3://..., file:///..., memory://...)")
+    add_store_arguments(p, url=False)
+    p.add_argument("--backends", action="store_true", help="list the installed backends instead")
     add_json_argument(p)
     p.set_defaults(handler=cmd_resolve)
 
@@ -58,12 +61,33 @@ def register(sub) -> None:
 def cmd_resolve(args: argparse.Namespace) -> int:
     import kvstore
 
+    if args.backends:
+        return _list_backends(args.json)
     url, extra = url_and_config(args)
+    if url is None and not extra:
+        raise ConfigError("a store URL is required (or --backends)")
     config = kvstore.resolve(url, extra)
     if args.json:
         print_json(config.as_dict())
     else:
         print_table(("field", "value", "from"), config.rows())
+    return 0
+
+
+def _list_backends(as_json: bool) -> int:
+    from kvstore import plugins
+
+    rows = [{"backend": b.name, "distribution": b.origin or b.distribution, "serves": list(b.serves),
+             "priority": b.priority, "proxy": b.proxy, "keys": [k.name for k in b.keys], "status": "ok"}
+            for b in sorted(plugins.installed().values(), key=lambda b: (-b.priority, b.name))]
+    rows += [{"backend": name, "distribution": "", "serves": [], "priority": None, "proxy": None, "keys": [],
+              "status": f"cannot be loaded: {why}"} for name, why in plugins.broken()]
+    if as_json:
+        print_json(rows)
+    else:
+        print_table(("backend", "from", "serves", "priority", "keys", "status"),
+                    [(r["backend"], r["distribution"], ", ".join(r["serves"]), "" if r["priority"] is None else str(r["priority"]),
+                      ", ".join(r["keys"]), r["status"]) for r in rows])
     return 0
 
 

@@ -138,6 +138,14 @@ def parse_proxy_url(value: Any) -> str:
     return text
 
 
+def parse_name(value: Any) -> str:
+    """A profile or backend name, checked against what is installed when the config is resolved."""
+    text = parse_str(value).strip().lower()
+    if not re.fullmatch(r"[a-z][a-z0-9_-]*", text):
+        raise ValueError(f"expected a name (letters, digits, '_' or '-'), got {value!r}")
+    return text
+
+
 def choice(*options: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = parse_str(value).strip().lower()
@@ -183,12 +191,12 @@ KEYS: tuple[Key, ...] = (
     Key("max_capacity_gb", "capacity_bytes", parse_float, "Capacity reported by the L2 adapter's get_usage (0: untracked).", "float", "lmcache-mp"),
     # kvstore's own.
     Key("kvstore_url", None, parse_str, "The store URL when it travels inside extra_config (LMCache plugins).", "str", "kvstore"),
-    Key("kvstore_profile", "profile", choice("aws", "s3express", "coreweave", "minio", "s3", "file", "memory", "fsspec"), "Force a profile instead of detecting it from the URL.", "str", "kvstore"),
-    Key("kvstore_backend", "backend", choice("crt", "obstore", "fsspec", "file", "memory"), "Force a backend instead of the profile's default.", "str", "kvstore"),
+    Key("kvstore_profile", "profile", parse_name, "Force a profile instead of detecting it from the URL (aws, s3express, coreweave, minio, s3, file, memory, or one an installed backend adds).", "str", "kvstore"),
+    Key("kvstore_backend", "backend", parse_name, "Force a backend instead of the profile's default (an installed one: `kvstore resolve --backends`).", "str", "kvstore"),
     Key("s3_endpoint_url", "endpoint", parse_endpoint_url, "Full http(s)://host[:port] to connect to (self-hosted S3); no user:password. `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` set it from the environment.", "str", "kvstore"),
     Key("s3_addressing_style", "addressing", choice("virtual", "path"), "Virtual-hosted (bucket in the host) or path-style requests.", "str", "kvstore"),
     Key("s3_ca_bundle", "ca_bundle", parse_str, "PEM file of CA certificates to trust for TLS.", "str", "kvstore"),
-    Key("s3_proxy_url", "proxy_url", parse_proxy_url, "HTTP(S) proxy for every request: http://[user:password@]host:port (obstore and fsspec backends; awscrt's S3 client has no proxy support).", "str", "kvstore"),
+    Key("s3_proxy_url", "proxy_url", parse_proxy_url, "HTTP(S) proxy for every request: http://[user:password@]host:port (backends that can: `kvstore resolve --backends`; awscrt has no proxy support).", "str", "kvstore"),
     Key("s3_part_size", "part_size", parse_size, "Multipart and ranged-GET part size.", "size", "kvstore"),
     Key("aws_session_token", "credentials", parse_str, "Session token that goes with static keys.", "str", "kvstore", secret=True),
     Key("aws_profile", "credentials", parse_str, "Named profile of the shared AWS config files.", "str", "kvstore"),
@@ -204,6 +212,23 @@ KEYS: tuple[Key, ...] = (
 )
 
 BY_NAME: dict[str, Key] = {key.name: key for key in KEYS}
+
+
+def key_named(name: str) -> Key | None:
+    """The core's key, or one an installed backend adds (named ``kvstore_BACKEND_...``)."""
+    key = BY_NAME.get(name)
+    if key is not None or not name.startswith("kvstore_"):
+        return key
+    from kvstore import plugins
+
+    added = plugins.added_keys().get(name)
+    return added[0] if added else None
+
+
+def known_names() -> list[str]:
+    from kvstore import plugins
+
+    return [*BY_NAME, *plugins.added_keys()]
 
 # LMCache puts keys for other parts of itself into the same dict; they are not ours to judge.
 FOREIGN_PREFIXES = ("remote_storage_plugin.", "storage_plugin.", "l2_adapter.", "lmcache.")
@@ -241,7 +266,7 @@ _FOREIGN_HINTS = {
 
 def is_secret(name: str, value: Any) -> bool:
     """Whether this extra_config entry must never be written out: a secret key, or a URL with a password."""
-    key = BY_NAME.get(name)
+    key = key_named(name)
     if key is not None and key.secret:
         return True
     target = FOREIGN_KEYS.get(name)
@@ -268,7 +293,7 @@ def suggest(name: str) -> str | None:
     """The known key a misspelt one most likely meant; None when no key is plausibly meant."""
     if name in FOREIGN_KEYS:
         return FOREIGN_KEYS[name]
-    matches = difflib.get_close_matches(name, list(BY_NAME), n=3, cutoff=0.6)
+    matches = difflib.get_close_matches(name, known_names(), n=3, cutoff=0.6)
     # Nearest by edits first: difflib alone calls storage_backend close to kvstore_backend.
     matches.sort(key=lambda m: _distance(name, m))
     return matches[0] if matches else None
@@ -293,11 +318,24 @@ def _port_block_hint(value: Any) -> str:
     return f"remote_url: {url}{extra}"
 
 
+def _backend_key_hint(name: str) -> str:
+    """For ``kvstore_NAME_...``: which backend would add it, when that backend is not installed."""
+    from kvstore import plugins
+
+    parts = name.split("_")
+    if len(parts) < 3 or parts[0] != "kvstore":
+        return ""
+    installed = plugins.installed()
+    if parts[1] in installed:
+        return f" (backend {parts[1]!r} adds no such key)"
+    return f" (keys kvstore_NAME_... belong to backend NAME; {parts[1]!r} is not installed)"
+
+
 def classify(name: str, value: Any = None) -> Key | None:
     """The Key for ``name``; None for a foreign key to ignore; ConfigError for a mistake."""
     if not isinstance(name, str):
         raise ConfigError(f"extra_config keys must be strings, got {type(name).__name__}")
-    key = BY_NAME.get(name)
+    key = key_named(name)
     if key is not None:
         return key
     if name.startswith(FOREIGN_PREFIXES):
@@ -314,7 +352,8 @@ def classify(name: str, value: Any = None) -> Key | None:
         raise error
     near = suggest(name)
     if name.startswith(OWN_PREFIXES):
-        raise ConfigError(f"unknown extra_config key {name!r}", key=name, suggestion=near)
+        hint = "" if near is not None and _is_typo(name, near) else _backend_key_hint(name)
+        raise ConfigError(f"unknown extra_config key {name!r}{hint}", key=name, suggestion=near)
     if near is not None and _is_typo(name, near):
         raise ConfigError(f"unknown extra_config key {name!r}", key=name, suggestion=near)
     return None

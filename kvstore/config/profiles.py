@@ -21,8 +21,9 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Profile:
+    """A kind of store. Its default backend is the installed one that serves it with the highest priority."""
+
     name: str
-    backend: str
     addressing: str | None = None  # default addressing; None for non-S3 profiles
     allowed_addressing: tuple[str, ...] = ("virtual", "path")
     tls_only: bool = False
@@ -40,17 +41,31 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
-        Profile("aws", "crt", "virtual", prefer_http2=False, doc="AWS S3 general-purpose buckets."),
-        Profile("s3express", "crt", "virtual", ("virtual",), tls_only=True, prefer_http2=True, doc="S3 Express One Zone directory buckets: zonal endpoint, session auth, CRC32C."),
-        Profile("coreweave", "crt", "virtual", ("virtual",), part_size=16 * MiB, min_part_size=15 * MiB,
+        Profile("aws", "virtual", prefer_http2=False, doc="AWS S3 general-purpose buckets."),
+        Profile("s3express", "virtual", ("virtual",), tls_only=True, prefer_http2=True, doc="S3 Express One Zone directory buckets: zonal endpoint, session auth, CRC32C."),
+        Profile("coreweave", "virtual", ("virtual",), part_size=16 * MiB, min_part_size=15 * MiB,
                 doc="CoreWeave AI Object Storage: LOTA (http://cwlota.com) or primary (https://cwobject.com)."),
-        Profile("minio", "crt", "path", doc="MinIO and other self-hosted S3 (Ceph RGW, SeaweedFS): path-style, custom port."),
-        Profile("s3", "crt", "path", doc="Any other S3-compatible endpoint given by s3_endpoint_url."),
-        Profile("file", "file", doc="A local directory (embedded)."),
-        Profile("memory", "memory", checksum="none", doc="Process-local memory (embedded, for tests and demos)."),
-        Profile("fsspec", "fsspec", checksum="none", doc="Any other fsspec protocol (gs://, az://, ...)."),
+        Profile("minio", "path", doc="MinIO and other self-hosted S3 (Ceph RGW, SeaweedFS): path-style, custom port."),
+        Profile("s3", "path", doc="Any other S3-compatible endpoint given by s3_endpoint_url."),
+        Profile("file", doc="A local directory (embedded)."),
+        Profile("memory", checksum="none", doc="Process-local memory (embedded, for tests and demos)."),
     )
 }
+
+
+def profile_named(name: str) -> Profile:
+    """A core profile, or one an installed backend adds; ``KeyError`` for neither."""
+    if name in PROFILES:
+        return PROFILES[name]
+    from kvstore import plugins
+
+    return plugins.added_profiles()[name][0]
+
+
+def profile_names() -> tuple[str, ...]:
+    from kvstore import plugins
+
+    return (*PROFILES, *sorted(plugins.added_profiles()))
 
 
 @dataclass(frozen=True)
@@ -64,7 +79,7 @@ class Detected:
     region: str | None = None
     addressing: str | None = None
     tls: bool | None = None
-    location: str = ""  # file root, memory name or fsspec URL
+    location: str = ""  # file root, memory name, or the URL a backend's own profile takes whole
     fields_from_url: tuple[str, ...] = field(default=())
 
 
@@ -220,8 +235,14 @@ def _detect_memory(url: str) -> Detected:
     return Detected("memory", location=name or "default", fields_from_url=("location",))
 
 
-def _detect_fsspec(url: str) -> Detected:
-    return Detected("fsspec", location=url, fields_from_url=("location",))
+def _detect_added(url: str) -> Detected:
+    """A URL whose scheme an installed backend claims (``schemes``): the backend takes it whole."""
+    from kvstore import plugins
+
+    profile = plugins.scheme_profile(_scheme(url))
+    if profile is None:
+        raise AssertionError("_check_shape lets through only schemes a backend claims")
+    return Detected(profile, location=url, fields_from_url=("location",))
 
 
 def _scheme(url: str) -> str:
@@ -230,25 +251,19 @@ def _scheme(url: str) -> str:
 
 
 _OWN_SCHEMES = ("s3", "s3a", "http", "https", "minio", "minios", "memory", "file")
-# fsspec protocols kvstore can hand on; used when fsspec itself is not installed.
-_FSSPEC_FALLBACK = ("gs", "gcs", "az", "abfs", "abfss", "adl", "hdfs", "webhdfs", "oci", "oss", "sftp", "ftp", "smb", "hf")
-
-
-def _fsspec_protocols() -> frozenset[str]:
-    try:
-        from fsspec.registry import known_implementations, registry
-    except ImportError:
-        return frozenset(_FSSPEC_FALLBACK)
-    return frozenset(known_implementations) | frozenset(registry)
 
 
 def _check_shape(url: str) -> None:
     """Refuse what looks like a URL with its ``://`` mangled, before it is taken for a relative path."""
     scheme = _scheme(url)
     if scheme:
-        if scheme not in _OWN_SCHEMES and scheme not in _fsspec_protocols():
-            raise ConfigError(f"unknown URL scheme {scheme!r} in {url!r}: expected s3://, http(s)://, minio://, "
-                              f"file:///, memory:// or an fsspec protocol")
+        if scheme not in _OWN_SCHEMES:
+            from kvstore import plugins
+
+            if plugins.scheme_profile(scheme) is None:
+                raise ConfigError(f"unknown URL scheme {scheme!r} in {url!r}: expected s3://, http(s)://, minio://, "
+                                  f"file:///, memory:// or a scheme an installed backend serves "
+                                  f"(installed: {', '.join(sorted(plugins.installed()))})")
         return
     if match := re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):(?!//)", url):
         name = match.group(1).lower()
@@ -267,7 +282,7 @@ RULES: tuple[tuple[str, Callable[[str], bool], Callable[[str], Detected]], ...] 
     ("http(s):// and minio(s):// endpoints with /BUCKET in the path", lambda u: _scheme(u) in ("http", "https", "minio", "minios"), _detect_http),
     ("memory://NAME", lambda u: _scheme(u) == "memory", _detect_memory),
     ("file:///abs/dir or a plain path", lambda u: _scheme(u) in ("", "file"), _detect_file),
-    ("any other fsspec protocol", lambda u: True, _detect_fsspec),
+    ("a scheme an installed backend claims (gs://, az://, ...)", lambda u: True, _detect_added),
 )
 
 

@@ -16,12 +16,13 @@ from typing import Any
 from kvstore.config import keys as K
 from kvstore.config.profiles import (
     AZ_REGIONS,
-    PROFILES,
     Detected,
     MiB,
     detect,
     detect_endpoint_host,
     express_zone,
+    profile_named,
+    profile_names,
     s3express_host,
     valid_bucket,
 )
@@ -97,7 +98,7 @@ class StoreConfig:
     bucket: str = ""
     prefix: str = ""
     endpoint: str = ""  # what the client connects to: scheme://host[:port] (bucket in the host when virtual)
-    base_endpoint: str = ""  # the service endpoint without the bucket (obstore, s3fs build their own)
+    base_endpoint: str = ""  # the service endpoint without the bucket (for clients that build the host themselves)
     region: str = ""
     addressing: str = ""
     tls: bool = True
@@ -113,7 +114,7 @@ class StoreConfig:
     ca_bundle: str | None = None
     proxy_url: str | None = field(default=None, repr=False)  # may hold a password: shown redacted
     credentials: Credentials = field(default_factory=lambda: Credentials("none"))
-    location: str = ""  # file root, memory name or fsspec URL
+    location: str = ""  # file root, memory name, or the whole URL of a profile a backend adds
     save_chunk_meta: bool = False
     key_layout: str = "flat"
     fsync: bool = False
@@ -121,11 +122,12 @@ class StoreConfig:
     breaker_threshold: int = 5
     breaker_reset_s: float = 5.0
     ignored_keys: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)  # the keys the chosen backend adds, by name
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_s3(self) -> bool:
-        return PROFILES[self.profile].is_s3
+        return profile_named(self.profile).is_s3
 
     @property
     def url(self) -> str:
@@ -149,6 +151,11 @@ class StoreConfig:
             if f.name == "sources":
                 continue
             value = getattr(self, f.name)
+            if f.name == "options":  # one row per key a backend adds
+                for name, option in value.items():
+                    shown = "***" if isinstance(option, Secret) else str(option)
+                    out.append((f"options.{name}", shown, self.source_of(f"options.{name}")))
+                continue
             if isinstance(value, Credentials):
                 shown = value.describe()
             elif isinstance(value, tuple):
@@ -164,6 +171,10 @@ class StoreConfig:
         """JSON-ready, secrets redacted."""
         result: dict[str, Any] = {}
         for name, shown, source in self.rows():
+            if name.startswith("options."):
+                option = self.options[name[len("options."):]]
+                result[name] = {"value": shown if isinstance(option, Secret) else option, "source": source}
+                continue
             value = getattr(self, name)
             if name == "proxy_url":
                 value = shown if value else None
@@ -267,13 +278,16 @@ def resolve(url: str | None, extra_config: Mapping | None = None, *, env: Mappin
     if "kvstore_profile" in extra:
         profile_name = extra["kvstore_profile"]
         b.sources["profile"] = "extra_config:kvstore_profile"
+        if profile_name not in profile_names():
+            raise ConfigError(f"kvstore_profile: no profile {profile_name!r} (profiles: {', '.join(profile_names())})",
+                              key="kvstore_profile")
     b.values["profile"] = profile_name
     b.sources.setdefault("profile", url_source)
 
     # The endpoint given apart from the URL (self-hosted S3) decides the profile when the URL did not.
     if "s3_endpoint_url" in extra:
         _apply_endpoint_url(b, extra["s3_endpoint_url"], "extra_config:s3_endpoint_url", detected)
-    elif "endpoint" not in b.values and PROFILES[profile_name].is_s3:
+    elif "endpoint" not in b.values and profile_named(profile_name).is_s3:
         env_name, env_endpoint = _env_endpoint(env)
         if env_endpoint:
             try:
@@ -281,10 +295,16 @@ def resolve(url: str | None, extra_config: Mapping | None = None, *, env: Mappin
             except ValueError as exc:
                 raise ConfigError(str(exc), key=env_name) from None
             _apply_endpoint_url(b, checked, f"env:{env_name}", detected)
-    profile = PROFILES[b.values["profile"]]
+    profile = profile_named(b.values["profile"])
 
+    options: dict[str, Any] = {}
     for name, value in extra.items():
-        key = K.BY_NAME[name]
+        key = K.key_named(name)
+        assert key is not None  # _parse_extra kept only known keys
+        if name not in K.BY_NAME:  # a key a backend adds
+            options[name] = Secret(value) if key.secret and isinstance(value, str) else value
+            b.sources[f"options.{name}"] = f"extra_config:{name}"
+            continue
         if key.field in (None, "credentials", "profile", "endpoint"):
             continue
         source = f"extra_config:{name}"
@@ -311,7 +331,21 @@ def resolve(url: str | None, extra_config: Mapping | None = None, *, env: Mappin
     if ignored:
         b.sources["ignored_keys"] = "extra_config"
     _validate(b.values, profile)
+    _validate_options(options, b.values["backend"])
+    b.values["options"] = MappingProxyType(options)
     return StoreConfig(**b.values, sources=MappingProxyType(dict(b.sources)))
+
+
+def _validate_options(options: Mapping[str, Any], backend: str) -> None:
+    """A key a backend adds applies to that backend only: set with another, it would do nothing."""
+    from kvstore import plugins
+
+    added = plugins.added_keys()
+    for name in options:
+        owner = added[name][1].name
+        if owner != backend:
+            raise ConfigError(f"{name} is a setting of the {owner} backend, but this store uses the {backend} backend",
+                              key=name)
 
 
 def _env_endpoint(env: Mapping[str, str]) -> tuple[str, str | None]:
@@ -350,8 +384,12 @@ def _apply_endpoint_url(b: _Builder, endpoint_url: str, source: str, detected: D
 
 
 def _apply_profile_defaults(b: _Builder, profile) -> None:
+    from kvstore import plugins
+
     src = f"profile:{profile.name}"
-    b.default("backend", profile.backend, src)
+    if "backend" not in b.values:
+        chosen = plugins.default_backend(profile.name)
+        b.default("backend", chosen.name, f"{src} (its highest-priority installed backend)")
     if not profile.is_s3:
         for name in ("bucket", "endpoint", "region", "addressing"):
             b.values.pop(name, None)
@@ -432,9 +470,11 @@ def _credentials(extra: dict[str, Any], env: Mapping[str, str], is_s3: bool) -> 
 
 
 def _validate(values: dict[str, Any], profile) -> None:
+    from kvstore import plugins
+
     backend = values["backend"]
-    allowed = {"file": ("file", "fsspec"), "memory": ("memory",), "fsspec": ("fsspec",)}.get(
-        profile.name, ("crt", "obstore", "fsspec"))
+    chosen = plugins.plugin(backend)
+    allowed = [p.name for p in plugins.serving(profile.name)]
     if backend not in allowed:
         raise ConfigError(f"backend {backend!r} cannot serve the {profile.name} profile (use one of {', '.join(allowed)})",
                           key="kvstore_backend")
@@ -454,9 +494,10 @@ def _validate(values: dict[str, Any], profile) -> None:
             if values.get(name):
                 raise ConfigError(f"{key} does not apply to the {profile.name} profile", key=key)
         return
-    if values.get("proxy_url") and backend == "crt":
-        raise ConfigError("s3_proxy_url: awscrt's S3 client cannot go through a proxy; set kvstore_backend to "
-                          "obstore or fsspec", key="s3_proxy_url")
+    if values.get("proxy_url") and not chosen.proxy:
+        able = [p.name for p in plugins.serving(profile.name) if p.proxy]
+        raise ConfigError(f"s3_proxy_url: the {backend} backend cannot go through a proxy; set kvstore_backend to "
+                          f"one that can ({', '.join(able) or 'none is installed'})", key="s3_proxy_url")
     bucket = values.get("bucket", "")
     if not valid_bucket(bucket):
         raise ConfigError(f"invalid bucket name {bucket!r}: 3-63 characters, letters, digits, '.', '-'")

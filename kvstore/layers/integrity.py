@@ -21,7 +21,7 @@ def crc32c(data, previous: int = 0) -> int:
     try:
         from awscrt import checksums
     except ImportError:
-        raise BackendUnavailable("crc32c checksum", "awscrt", "crt") from None
+        raise BackendUnavailable("crc32c checksum", "awscrt", "pip install awscrt") from None
     return checksums.crc32c(data, previous)
 
 

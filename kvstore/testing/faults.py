@@ -258,10 +258,10 @@ class FaultProxy:
                     # A client waiting for "100 Continue" sends no body: answer and close instead of draining.
                     if not expects_continue:
                         _relay_body(client_in, head, None)
+                    self._count()  # before the client can hear it, so a count read after its call returns is whole
                     client.sendall(b"HTTP/1.1 %d Error\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n%s\r\n%s"
                                    % (error.status, len(body), b"Connection: close\r\n" if expects_continue else b"",
                                       b"" if method == b"HEAD" else body))
-                    self._count()
                     if expects_continue:
                         return
                     continue
@@ -287,10 +287,13 @@ class FaultProxy:
                 if delay is not None:
                     self._stopping.wait(delay.seconds)
                 spoil = self._take(("drop", "corrupt", "trickle", "hold"), method)
+                if spoil is None:  # counted before the client can have it all (it may return at once)
+                    self._count()
                 client.sendall(response)
                 if not _relay_body(upstream_in, response, client, method=method, spoil=spoil, proxy=self):
                     return
-                self._count()
+                if spoil is not None:
+                    self._count()
         except (_Closed, OSError):
             pass
         finally:

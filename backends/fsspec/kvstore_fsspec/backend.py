@@ -1,7 +1,7 @@
 """Any fsspec filesystem as an object store: s3fs for S3 profiles, ``fsspec.url_to_fs`` for the rest.
 
 Object names live under a root (the bucket for S3, the URL's path otherwise) as ``ROOT/NAME``.
-For S3 every request goes through ``kvstore.backends.fsspec_s3`` (aiobotocore on s3fs's loop,
+For S3 every request goes through ``kvstore_fsspec.s3`` (aiobotocore on s3fs's loop,
 bounded by the operation's deadline); other filesystems use fsspec's blocking API.
 """
 
@@ -31,7 +31,7 @@ class FsspecBackend(Backend):
         super().__init__(config)
         self._s3 = None
         if config.is_s3:
-            from kvstore.backends.fsspec_s3 import S3Ops
+            from kvstore_fsspec.s3 import S3Ops
 
             self._s3 = S3Ops(config)
             self.fs, self.root = self._s3.fs, config.bucket

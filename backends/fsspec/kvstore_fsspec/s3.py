@@ -290,7 +290,7 @@ def _s3_filesystem(config):
     try:
         import s3fs
     except ImportError:
-        raise BackendUnavailable("fsspec", "s3fs", "fsspec") from None
+        raise BackendUnavailable("fsspec", "s3fs", "pip install s3fs") from None
     credentials = config.credentials
     kwargs: dict = {}
     if credentials.source in ("static", "env"):

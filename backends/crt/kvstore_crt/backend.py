@@ -28,7 +28,9 @@ from awscrt import s3 as crt_s3
 
 from kvstore.backends import call
 from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
-from kvstore.backends.crt_http import (
+from kvstore.backends.s3errors import from_status
+from kvstore.errors import BucketNotFound, StoreTimeout, StoreUnavailable
+from kvstore_crt.http import (
     EMPTY_RANGE_SYMPTOMS,
     META_PREFIX,
     Abandoned,
@@ -49,8 +51,6 @@ from kvstore.backends.crt_http import (
     parse_list_page,
     user_metadata,
 )
-from kvstore.backends.s3errors import from_status
-from kvstore.errors import BucketNotFound, StoreTimeout, StoreUnavailable
 
 CANCEL_GRACE_S = 2.0  # how long a cancelled request may take to settle before we stop waiting
 SHUTDOWN_WAIT_S = 5.0  # bound on close() waiting for the client's threads to stop
