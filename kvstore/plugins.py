@@ -16,7 +16,7 @@ import functools
 import importlib
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
@@ -115,14 +115,8 @@ def _discover() -> tuple[dict[str, BackendPlugin], tuple[tuple[str, str], ...]]:
         if plugin is not None:
             dist = getattr(ep, "dist", None)
             origin = f"{dist.name} {dist.version}" if dist is not None else ep.value
-            found[plugin.name] = _with_origin(plugin, origin)
+            found[plugin.name] = replace(plugin, origin=origin)
     return found, tuple(broken)
-
-
-def _with_origin(plugin: BackendPlugin, origin: str) -> BackendPlugin:
-    from dataclasses import replace
-
-    return replace(plugin, origin=origin)
 
 
 def refresh() -> None:
@@ -157,9 +151,14 @@ def backend_class(name: str) -> type[Backend]:
     return plugin(name).backend_class()
 
 
+def by_priority() -> list[BackendPlugin]:
+    """Every installed backend, the highest priority first (ties by name)."""
+    return sorted(installed().values(), key=lambda p: (-p.priority, p.name))
+
+
 def serving(profile: str) -> list[BackendPlugin]:
     """The installed backends that can serve ``profile``, the default first."""
-    return sorted((p for p in installed().values() if profile in p.serves), key=lambda p: (-p.priority, p.name))
+    return [p for p in by_priority() if profile in p.serves]
 
 
 def default_backend(profile: str) -> BackendPlugin:

@@ -96,7 +96,7 @@ def render() -> str:
             "group (see backends.md); the default of a profile is the installed backend with the highest",
             "priority that serves it. This table lists the backends installed with `make test`.", "",
             "| backend | distribution | priority | proxy | what |", "|---|---|---|---|---|"]
-    for b in sorted(plugins.installed().values(), key=lambda b: (-b.priority, b.name)):
+    for b in plugins.by_priority():
         proxy = ("yes" if b.proxy else "no") if set(b.serves) & set(plugins.S3_PROFILES) else "-"
         out.append(f"| `{b.name}` | `{b.distribution}` | {b.priority} | {proxy} | {b.doc} |")
     added = plugins.added_keys()

@@ -37,8 +37,7 @@ def _s3_backends() -> str:
     from kvstore import plugins
 
     s3 = set(plugins.S3_PROFILES)
-    return ",".join(b.name for b in sorted(plugins.installed().values(), key=lambda b: (-b.priority, b.name))
-                    if s3 & set(b.serves))
+    return ",".join(b.name for b in plugins.by_priority() if s3 & set(b.serves))
 
 
 @contextlib.contextmanager

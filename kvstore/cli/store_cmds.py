@@ -79,7 +79,7 @@ def _list_backends(as_json: bool) -> int:
 
     rows = [{"backend": b.name, "distribution": b.origin or b.distribution, "serves": list(b.serves),
              "priority": b.priority, "proxy": b.proxy, "keys": [k.name for k in b.keys], "status": "ok"}
-            for b in sorted(plugins.installed().values(), key=lambda b: (-b.priority, b.name))]
+            for b in plugins.by_priority()]
     rows += [{"backend": name, "distribution": "", "serves": [], "priority": None, "proxy": None, "keys": [],
               "status": f"cannot be loaded: {why}"} for name, why in plugins.broken()]
     if as_json:
