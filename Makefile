@@ -9,8 +9,13 @@ TORCH := torch==2.13.0
 BACKENDS := $(sort $(dir $(wildcard backends/*/pyproject.toml)))
 WORKSPACE := $(foreach b,$(BACKENDS),-e $(b))
 URL ?=
+RUFF := $(PY) -m ruff check kvstore tests scripts backends
+# Type checks: the files and flags are [tool.mypy] in pyproject.toml (strict on the core).
+MYPY := $(PY) -m mypy
+# The fast tier: tests that need no S3 server, no lmcache or torch, and are not slow (tests/conftest.py).
+FAST := -m "not servers and not lmcache and not slow"
 
-.PHONY: demo test docs docs-gen conformance-doc bench clean
+.PHONY: demo test test-fast docs docs-gen conformance-doc bench clean
 
 $(VENV)/.installed: pyproject.toml $(wildcard backends/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +32,17 @@ demo: $(VENV)/.installed
 	PYTHONHASHSEED=0 $(PY) -m kvstore.demo $(URL)
 
 test: $(VENV)/.test-installed
+	$(RUFF)
+	$(MYPY)
 	bash scripts/install-test-servers.sh
 	$(PY) scripts/gen_config_doc.py --check
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir .site
 	PYTHONHASHSEED=0 $(PY) -m pytest
+
+test-fast: $(VENV)/.test-installed
+	$(RUFF)
+	$(MYPY)
+	PYTHONHASHSEED=0 $(PY) -m pytest -q $(FAST)
 
 docs-gen: $(VENV)/.test-installed
 	$(PY) scripts/gen_config_doc.py
@@ -45,4 +57,4 @@ bench: $(VENV)/.test-installed
 	$(PY) scripts/gen_bench.py
 
 clean:
-	rm -rf $(VENV) .site .kvstore-demo .pytest_cache .hypothesis
+	rm -rf $(VENV) .site .kvstore-demo .pytest_cache .hypothesis .mypy_cache

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from kvstore.backends.base import ObjectInfo
@@ -30,7 +31,7 @@ from kvstore.store import KVStore
 __version__ = "0.1.0"
 
 
-def open(url: str | None, extra_config: Mapping | None = None) -> KVStore:
+def open(url: str | None, extra_config: Mapping[str, Any] | None = None) -> KVStore:
     """Open the store that ``url`` and ``extra_config`` describe (see ``resolve``)."""
     return open_config(resolve(url, extra_config))
 

@@ -13,10 +13,14 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvstore.cli.common import EXIT_FAILED, EXIT_OK, exit_code_for
 from kvstore.errors import AuthError, BucketNotFound, IntegrityError
+
+if TYPE_CHECKING:
+    from kvstore.config import StoreConfig
+    from kvstore.store import KVStore
 
 STEPS = ("resolve", "connect", "write", "read", "stat", "list", "delete")
 PROBE_SIZE = 4096
@@ -78,7 +82,7 @@ def _code_for(exc: BaseException) -> int:
     return EXIT_FAILED if isinstance(exc, (WrongAnswer, IntegrityError)) else exit_code_for(exc)
 
 
-def _describe(config) -> str:
+def _describe(config: StoreConfig) -> str:
     if not config.is_s3:
         return f"{config.url} ({config.backend} backend)"
     where = config.endpoint or "default endpoint"
@@ -94,7 +98,7 @@ def config_failure(exc: Exception) -> Report:
     return report
 
 
-def _hint(exc: BaseException, config) -> str:
+def _hint(exc: BaseException, config: StoreConfig | None) -> str:
     """What the store error is about, in the user's terms (the backend's message may not say)."""
     if config is None or not config.is_s3:
         return ""
@@ -206,7 +210,7 @@ def probe(url: str | None, extra: Mapping[str, Any], *, name: str | None = None,
     return report
 
 
-def _cleanup(store, report: Report, written: bool) -> None:
+def _cleanup(store: KVStore, report: Report, written: bool) -> None:
     """Remove the probe object if a step may have left it, as one more step of the report."""
     write = next(s for s in report.steps if s.step == "write")
     if not written or write.error in (AuthError.__name__, BucketNotFound.__name__):

@@ -22,6 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvstore.kv import KVLayout
 
 MODEL = "kvstore-demo/tiny-llama"
 CHUNK_SIZE = 64
@@ -36,23 +40,24 @@ def _tokens(text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
 
-def _config():
+def _config() -> Any:
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
 
 
-def _model():
+def _model() -> tuple[Any, Any]:
     import torch
     from transformers import LlamaForCausalLM
 
     config = _config()
     torch.manual_seed(0)
-    return config, LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model: Any = LlamaForCausalLM(config)  # transformers types .to() through a decorator that loses its signature
+    return config, model.to(torch.bfloat16).eval()
 
 
-def _layout(config):
+def _layout(config: Any) -> KVLayout:
     import torch
 
     from kvstore.kv import KVLayout
@@ -60,7 +65,7 @@ def _layout(config):
     return KVLayout.from_hf_config(config, dtype=torch.bfloat16, chunk_size=CHUNK_SIZE)
 
 
-def produce(url: str, reference_path: str) -> list[dict]:
+def produce(url: str, reference_path: str) -> list[dict[str, Any]]:
     """Run the model, dump every prompt, save the reference tensors for the checking process."""
     import torch
     from safetensors.torch import save_file
@@ -87,7 +92,7 @@ def produce(url: str, reference_path: str) -> list[dict]:
     return rows
 
 
-def check(url: str, reference_path: str) -> list[dict]:
+def check(url: str, reference_path: str) -> list[dict[str, Any]]:
     """In a fresh process: load every prompt back and look it up through a real LMCache engine."""
     import torch
     from safetensors.torch import load_file
@@ -125,7 +130,7 @@ def check(url: str, reference_path: str) -> list[dict]:
     return rows
 
 
-def _lmcache_engine(url: str, metadata):
+def _lmcache_engine(url: str, metadata: Any) -> tuple[Any, Any]:
     from lmcache.v1.cache_engine import LMCacheEngineBuilder
     from lmcache.v1.config import LMCacheEngineConfig
 
@@ -141,7 +146,7 @@ def _lmcache_engine(url: str, metadata):
     return engine, LMCacheEngineBuilder
 
 
-def _print_table(dumped: list[dict], checked: list[dict]) -> None:
+def _print_table(dumped: list[dict[str, Any]], checked: list[dict[str, Any]]) -> None:
     from kvstore.cli.common import human_bytes, print_table
 
     rows = []

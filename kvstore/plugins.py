@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from kvstore.config.keys import OWN_PREFIXES, Key
 from kvstore.config.profiles import PROFILES, Profile
@@ -63,7 +63,7 @@ class BackendPlugin:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise BackendUnavailable(self.name, exc.name or module_name, self.install_hint) from exc
-        return getattr(module, class_name)
+        return cast("type[Backend]", getattr(module, class_name))
 
     @property
     def install_hint(self) -> str:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from kvstore.backends import call
 from kvstore.backends.base import Backend, ObjectInfo, as_byte_view, as_writable_view
@@ -158,11 +158,26 @@ class KVStore:
         data = result[0]
         return data if isinstance(data, bytes) else bytes(data)
 
-    def get_into(self, key: str, buffer: Any, *, _lease: call.BufferLease | None = None) -> int | None:
-        """Fill ``buffer`` (bytearray, memoryview, numpy array, CPU tensor) with the object; its size, or None."""
+    @overload
+    def get_into(self, key: str, buffer: Any, *, info: Literal[False] = False,
+                 _lease: call.BufferLease | None = None) -> int | None: ...
+
+    @overload
+    def get_into(self, key: str, buffer: Any, *, info: Literal[True],
+                 _lease: call.BufferLease | None = None) -> ObjectInfo | None: ...
+
+    def get_into(self, key: str, buffer: Any, *, info: bool = False,
+                 _lease: call.BufferLease | None = None) -> int | ObjectInfo | None:
+        """Fill ``buffer`` (bytearray, memoryview, numpy array, CPU tensor) with the object; its size, or None.
+
+        With ``info=True`` it hands back the object's size and metadata instead, from the same
+        response: a reader that needs them sends no HEAD first.
+        """
         name, view = self.name_of(key), as_writable_view(buffer)
         result = self._run(self._backend.get_into, name, view, lease=_lease or call.BufferLease())
-        return None if result is None else result.size
+        if result is None:
+            return None
+        return ObjectInfo(key, result.size, result.metadata) if info else result.size
 
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
@@ -178,18 +193,30 @@ class KVStore:
         name = self.name_of(key)
         return self._run(self._backend.delete, name)
 
-    def list(self, prefix: str = "") -> Iterator[str]:
-        """Keys (relative to the store's prefix) that start with ``prefix``, sorted."""
-        for info in self.scan(prefix):
+    def list(self, prefix: str = "", *, start_after: str | None = None) -> Generator[str, None, None]:
+        """Keys (relative to the store's prefix) that start with ``prefix``, in name order, a page at a time.
+
+        ``start_after`` lists only the keys after it: a listing cut short resumes from its last key.
+        """
+        for info in self.scan(prefix, start_after=start_after):
             yield info.key
 
-    def scan(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def scan(self, prefix: str = "", *, start_after: str | None = None) -> Generator[ObjectInfo, None, None]:
         """Like ``list``, with each object's size, metadata and modification time."""
+        pages = self._pages(prefix, start_after)
+        try:
+            while (page := self._run(next, pages, None)) is not None:
+                yield from page
+        finally:
+            pages.close()
+
+    def _pages(self, prefix: str, start_after: str | None) -> Generator[builtins.list[ObjectInfo], None, None]:
+        """The backend's pages with keys relative to the prefix; each page is pulled as one store call."""
         if self._closed:
             raise KVStoreError("the store is closed")
-        infos = sorted(self._backend.list(self._prefix + prefix), key=lambda i: i.key)
-        for info in infos:
-            yield ObjectInfo(self._key_of(info.key), info.size, info.metadata, info.last_modified, info.etag)
+        after = None if start_after is None else self._prefix + start_after
+        for page in self._backend.list_pages(self._prefix + prefix, after):
+            yield [ObjectInfo(self._key_of(i.key), i.size, i.metadata, i.last_modified, i.etag) for i in page]
 
     # -- batches -------------------------------------------------------------------------
     def _map(self, fn: Callable[[Any], T], items: builtins.list[Any]) -> builtins.list[T]:
@@ -221,6 +248,16 @@ class KVStore:
         names = [self.name_of(k) for k in keys]
         return self._run(self._backend.delete_many, names) if names else []
 
+    def discard(self, key: str) -> None:
+        """Remove ``key`` if it is there, without finding out whether it was (on S3: a DELETE, no HEAD)."""
+        self.discard_many([key])
+
+    def discard_many(self, keys: Iterable[str]) -> None:
+        """``discard`` for several keys; S3 backends send batched DeleteObjects and nothing else."""
+        names = [self.name_of(k) for k in keys]
+        if names:
+            self._run(self._backend.discard_many, names)
+
     # -- asyncio -------------------------------------------------------------------------
     async def _async(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
@@ -231,7 +268,7 @@ class KVStore:
             raise KVStoreError("the store is closed") from exc
         return await future
 
-    async def _aget_into(self, key: str, buffer: Any) -> int | None:
+    async def _aget_into(self, key: str, buffer: Any, info: bool = False) -> int | ObjectInfo | None:
         """``get_into`` on the pool; a cancel (or ``wait_for``'s timeout) revokes the buffer before it propagates.
 
         The worker may still be mid-transfer, but once the lease is revoked it can no longer
@@ -239,7 +276,7 @@ class KVStore:
         """
         lease = call.BufferLease()
         try:
-            return await self._async(lambda: self.get_into(key, buffer, _lease=lease))
+            return await self._async(lambda: self.get_into(key, buffer, info=info, _lease=lease))  # type: ignore[call-overload]
         except asyncio.CancelledError:
             lease.revoke("the call was cancelled")
             raise
@@ -250,8 +287,15 @@ class KVStore:
     async def aget(self, key: str) -> bytes | None:
         return await self._async(self.get, key)
 
-    async def aget_into(self, key: str, buffer: Any) -> int | None:
-        return await self._aget_into(key, buffer)
+    @overload
+    async def aget_into(self, key: str, buffer: Any, *, info: Literal[False] = False) -> int | None: ...
+
+    @overload
+    async def aget_into(self, key: str, buffer: Any, *, info: Literal[True]) -> ObjectInfo | None: ...
+
+    async def aget_into(self, key: str, buffer: Any, *, info: bool = False) -> int | ObjectInfo | None:
+        """``get_into`` on the caller's loop; ``info=True`` hands back size and metadata from the same response."""
+        return await self._aget_into(key, buffer, info)
 
     async def aexists(self, key: str) -> bool:
         return await self._async(self.exists, key)
@@ -262,11 +306,39 @@ class KVStore:
     async def adelete(self, key: str) -> bool:
         return await self._async(self.delete, key)
 
-    async def alist(self, prefix: str = "") -> AsyncIterator[str]:
-        for key in await self._async(lambda: list(self.list(prefix))):
-            yield key
+    async def alist(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[str]:
+        """``list`` as an async iterator: one page is fetched at a time, off the event loop."""
+        async for info in self.ascan(prefix, start_after=start_after):
+            yield info.key
 
-    async def _agather(self, fn: Callable[..., Any], args: builtins.list[tuple]) -> builtins.list[Any]:
+    async def ascan(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
+        """``scan`` as an async iterator."""
+        pages = self._pages(prefix, start_after)
+        lock = threading.Lock()  # a cancelled pull may still be running when the iterator is closed
+
+        def pull() -> builtins.list[ObjectInfo] | None:
+            with lock:
+                page: builtins.list[ObjectInfo] | None = self._run(next, pages, None)
+                return page
+
+        def shut() -> None:
+            with lock:
+                pages.close()
+
+        try:
+            while (page := await self._async(pull)) is not None:
+                for info in page:
+                    yield info
+        finally:
+            if lock.acquire(blocking=False):
+                try:
+                    pages.close()
+                finally:
+                    lock.release()
+            elif not self._closed:
+                self._pool.submit(shut)
+
+    async def _agather(self, fn: Callable[..., Any], args: builtins.list[tuple[Any, ...]]) -> builtins.list[Any]:
         return list(await asyncio.gather(*(self._async(fn, *a) for a in args)))
 
     async def aput_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]], metadata: Mapping[str, str] | None = None) -> None:
@@ -280,7 +352,7 @@ class KVStore:
         keys, buffers = list(keys), list(buffers)
         if len(keys) != len(buffers):
             raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
-        return list(await asyncio.gather(*(self._aget_into(k, b) for k, b in zip(keys, buffers))))
+        return list(await asyncio.gather(*(self._aget_into(k, b) for k, b in zip(keys, buffers))))  # type: ignore[arg-type]
 
     async def aexists_many(self, keys: Iterable[str]) -> builtins.list[bool]:
         return await self._agather(self.exists, [(k,) for k in keys])
@@ -288,6 +360,13 @@ class KVStore:
     async def adelete_many(self, keys: Iterable[str]) -> builtins.list[bool]:
         keys = list(keys)
         return await self._async(self.delete_many, keys)
+
+    async def adiscard(self, key: str) -> None:
+        await self._async(self.discard, key)
+
+    async def adiscard_many(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        await self._async(self.discard_many, keys)
 
     # -- lifecycle -----------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Machine-level pieces the loopback S3 test servers need (kvstore/testing/servers.py).
+# Machine-level pieces the loopback S3 test servers need (the kvstore/testing/servers/ package).
 # Run by `make test`; idempotent, and quick when everything is already there.
 #
 #  * Ceph RGW: the Debian packages ceph-mon ceph-osd radosgw (a single-node memstore cluster is
@@ -12,7 +12,7 @@
 #    IPv6: nss-myhostname answers ::1 *before* 127.0.0.1 for *.localhost, while the test servers
 #    listen on 127.0.0.1 only.  We leave that order alone (no /etc/gai.conf change: it would alter
 #    address selection for every program on the machine) and do not pin bucket names in
-#    /etc/hosts (tests use random bucket names).  Instead servers.py holds [::1]:PORT bound but
+#    /etc/hosts (tests use random bucket names).  Instead kvstore/testing/servers/ holds [::1]:PORT bound but
 #    not listening for each server, so a connection to ::1 is refused immediately and clients
 #    (urllib3/boto3, obstore/reqwest, awscrt) go on to 127.0.0.1 at no measurable cost.
 #
@@ -26,7 +26,7 @@
 set -u
 
 PKGS=(ceph-mon ceph-osd radosgw libnss-myhostname)
-S3RVER_VERSION=3.7.1  # kvstore/testing/s3rver.py S3RVER_VERSION
+S3RVER_VERSION=3.7.1  # kvstore/testing/servers/s3rver.py S3RVER_VERSION
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 say() { echo "install-test-servers: $*"; }
 

@@ -14,7 +14,7 @@ from kvstore.backends import call
 from kvstore.errors import AuthError, BucketNotFound, StoreTimeout, StoreUnavailable
 from kvstore.testing.faults import Fault, FaultProxy
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.servers, pytest.mark.timeout(90)]
 BACKENDS = ["obstore", "fsspec"]  # crt: tests/test_crt_hardening.py
 TIMEOUT_S = 2.0
 GRACE_S = 0.75  # the cancel grace (s3probe.CANCEL_GRACE_S) plus scheduling on a busy 2-core host

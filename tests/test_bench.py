@@ -31,7 +31,7 @@ def test_bench_against_the_null_endpoint_writes_every_contender(tmp_path, capsys
     assert data["endpoint_label"] == LABEL
     assert data["limits"]["tcp_one_stream"] > 0 and data["limits"]["memcpy"] > 0
     by = {(r["contender"], r["op"]): r for r in data["results"]}
-    assert {c for c, _ in by} == {"kvstore-crt", "awscrt", "obstore"}
+    assert {c for c, _ in by} == {"kvstore-crt", "kvstore-crt-async", "awscrt", "obstore"}  # both APIs by default
     for (contender, op), r in by.items():
         assert r["status"] == "ok", (contender, op, r["status"])
         assert r["ops_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
@@ -55,7 +55,8 @@ def test_reads_alone_find_objects_written_for_them(tmp_path):
     out = tmp_path / "bench.json"
     code = main([
         "bench", "--server", "null", "--size", "256KiB", "--count", "3", "--concurrency", "2", "--rounds", "1",
-        "--ops", "exists,get_into", "--backends", "crt", "--baselines", "awscrt", "--quiet", "--json", str(out),
+        "--ops", "exists,get_into", "--backends", "crt", "--baselines", "awscrt", "--api", "sync", "--quiet",
+        "--json", str(out),
     ])
     assert code == 0
     results = json.loads(out.read_text())["results"]
@@ -83,6 +84,8 @@ def test_process_cpu_seconds_counts_a_busy_child_and_forgets_a_dead_one():
 def test_unknown_contender_is_a_usage_error(capsys):
     assert main(["bench", "--server", "null", "--backends", "nope", "--quiet"]) == 2
     assert "unknown backend 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--server", "null", "--api", "sync,threads", "--quiet"]) == 2
+    assert "unknown API threads" in capsys.readouterr().err
 
 
 def test_null_endpoint_serves_ranges_heads_and_lists(null_endpoint):
@@ -114,6 +117,7 @@ def test_null_endpoint_serves_ranges_heads_and_lists(null_endpoint):
         client.get_object(Bucket="b", Key="dir/missing")
 
 
+@pytest.mark.slow  # a bench per backend and raw client, each in a process of its own
 def test_a_bench_of_every_backend_and_client_ends_without_asyncio_or_thread_complaints():
     """Run in a process of its own: a task left pending or a loop closed under a client prints at exit."""
     argv = ["bench", "--server", "null", "--size", "1MiB", "--count", "4", "--concurrency", "2", "--rounds", "1",
@@ -125,3 +129,14 @@ def test_a_bench_of_every_backend_and_client_ends_without_asyncio_or_thread_comp
     for complaint in ("Task was destroyed", "Event loop is closed", "was never awaited", "Exception ignored",
                       "Unclosed", "Traceback"):
         assert complaint not in result.stderr, result.stderr
+
+
+def test_thread_count_with_reads_in_flight_is_measured_per_backend():
+    """``python -m kvstore.bench.threads`` reads through both APIs (it checks every size) and
+    reports the threads of a process that held one backend only."""
+    done = subprocess.run([sys.executable, "-m", "kvstore.bench.threads", "--inflight", "16", "--size", "64KiB",
+                            "--backends", "crt"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert row["backend"] == "crt" and row["inflight"] == 16
+    assert row["before_open"] < row["open"] <= max(row["peak_async"], row["peak_sync"])

@@ -11,6 +11,8 @@ from kvstore.check import probe
 from kvstore.cli.main import main
 from kvstore.testing.faults import FaultProxy
 
+pytestmark = pytest.mark.servers
+
 
 @pytest.fixture
 def moto(s3_servers):

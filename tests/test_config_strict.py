@@ -202,6 +202,7 @@ def test_options_before_and_after_positionals(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["size"] == 2
 
 
+@pytest.mark.servers
 def test_tls_against_a_plain_http_endpoint_says_so(s3_servers, unique_name, capsys):
     moto = s3_servers.get("moto")
     bucket = unique_name("tls")

@@ -146,6 +146,7 @@ def targets(s3_servers, tmp_path_factory):
     pool.close()
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize(
     ("target", "case"),
     [pytest.param(t, c, id=f"{t.id}-{c.id}") for t in TARGETS for c in CASES],
@@ -165,6 +166,7 @@ def test_cli_passes_on_a_good_store(tmp_path, capsys):
     assert "S3 stores only" in out
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize("server", ["moto", "seaweedfs", "ceph", "s3rver"])
 def test_cli_passes_on_each_server(server, s3_servers, unique_name, capsys):
     from kvstore.testing.servers import limit_skips
@@ -220,6 +222,7 @@ def test_error_cases_name_each_call_that_misbehaves():
     assert "exists: nothing was raised (returned False)" in str(sync.value)
 
 
+@pytest.mark.servers
 def test_cli_fails_on_a_corrupting_endpoint(s3_servers, unique_name, capsys):
     """Bytes flipped in response bodies: the failing cases are named and the exit code is 1."""
     from kvstore.testing.faults import FaultProxy

@@ -26,6 +26,8 @@ from kvstore.errors import (
 )
 from kvstore.testing.faults import FaultProxy
 
+pytestmark = pytest.mark.servers
+
 MiB = 1024 * 1024
 BIG = 64 * MiB  # above the 8 MiB part size: multipart upload and parallel ranged GETs
 

@@ -25,6 +25,8 @@ from kvstore.config import resolve
 from kvstore.errors import AuthError, BucketNotFound, KVStoreError, StoreTimeout, StoreUnavailable
 from kvstore.testing.faults import FaultProxy
 
+pytestmark = pytest.mark.servers
+
 MiB = 1024 * 1024
 FOREIGN_NS = "http://example.invalid/not-aws/"
 

@@ -12,7 +12,7 @@ import kvstore
 from kvstore import KVStoreError
 from kvstore.errors import AuthError, BucketNotFound, StoreUnavailable
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.servers, pytest.mark.timeout(120)]
 
 
 def _root_cause(exc: BaseException) -> BaseException:

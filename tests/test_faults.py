@@ -10,7 +10,7 @@ import kvstore
 from kvstore import KVStoreError, StoreUnavailable
 from kvstore.testing.faults import FaultProxy
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.servers, pytest.mark.timeout(60)]
 TIMEOUT_S = 3.0
 SLACK_S = 2.5  # client teardown and scheduling on a busy 2-core machine
 DATA = bytes(range(256)) * 1024  # 256 KiB: several TCP segments, so a drop lands mid-body

@@ -17,6 +17,8 @@ from kvstore.cli.common import EXIT_FAILED, EXIT_USAGE  # noqa: E402
 from kvstore.cli.kv_cmd import parse_age, parse_size  # noqa: E402
 from kvstore.cli.main import main  # noqa: E402
 
+pytestmark = pytest.mark.lmcache
+
 
 @pytest.fixture
 def prompts(tmp_path):

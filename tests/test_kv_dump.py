@@ -19,6 +19,8 @@ from kvstore.errors import ConfigError, IntegrityError, StoreUnavailable  # noqa
 from kvstore.kv import KVLayout, chunk_keys, chunk_metadata, dump, gc, load, load_chunks, scan, verify  # noqa: E402
 from kvstore.layers.base import Layer  # noqa: E402
 
+pytestmark = pytest.mark.lmcache
+
 MODEL = "org/tiny-model"
 TOKENS = 37  # chunks of 8: four full ones and a short one of 5
 
@@ -55,6 +57,7 @@ LAYOUTS = [
 ]
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["fp16", "bf16", "fp32", "mla-bf16"])
 def test_round_trip_is_bit_exact(store, layout):
     tokens, kv = _tokens(), _kv(layout)
@@ -279,6 +282,7 @@ with kvstore.open(url, extra) as store:
 """
 
 
+@pytest.mark.servers
 def test_dump_killed_midway_resumes_without_rewriting(s3_servers, unique_name):
     """SIGKILL a dump mid-way (slowed by a delaying proxy in front of moto); the rerun writes only the rest."""
     from kvstore.testing.faults import FaultProxy

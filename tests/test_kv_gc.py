@@ -17,6 +17,8 @@ from kvstore.kv import KVLayout, chunk_keys, dump, gc, scan, verify  # noqa: E40
 from kvstore.kv.gc import plan  # noqa: E402
 from kvstore.kv.inventory import ChunkInfo  # noqa: E402
 
+pytestmark = pytest.mark.lmcache
+
 MODEL = "org/gc-model"
 LAYOUT = KVLayout(2, 2, 16, "bfloat16", chunk_size=8)
 

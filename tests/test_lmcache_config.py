@@ -21,6 +21,7 @@ def run(capsys, *argv: str) -> str:
     return capsys.readouterr().out
 
 
+@pytest.mark.lmcache
 def test_non_mp_yaml_loads_in_lmcache_and_hides_secrets(capsys):
     out = run(capsys, "s3://my-bucket/kv", "--set", "s3_region=us-east-1", "--set", "aws_access_key_id=AKIAEXAMPLE",
               "--set", "aws_secret_access_key=very-secret-value")
@@ -60,6 +61,7 @@ def lmcache_parse(spec: dict):
     return adapter
 
 
+@pytest.mark.lmcache
 @pytest.mark.parametrize("source", ["builtin-s3-spec", "set"])
 def test_mp_spec_keeps_the_eviction_policy_for_lmcache_parser(capsys, source):
     if source == "builtin-s3-spec":
@@ -78,6 +80,7 @@ def test_mp_spec_keeps_the_eviction_policy_for_lmcache_parser(capsys, source):
     assert ("type: 's3' -> 'plugin'" if source == "builtin-s3-spec" else "eviction: moved from the command line") in err
 
 
+@pytest.mark.lmcache
 def test_mp_spec_moves_framework_keys_out_of_adapter_params(capsys, tmp_path):
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps({
@@ -104,6 +107,7 @@ def test_mp_spec_warns_when_capacity_has_no_eviction(capsys):
     assert "grows without limit" in err
 
 
+@pytest.mark.lmcache
 @pytest.mark.parametrize("example", ["basic_v1.yaml", "basic_v2.yaml", "coreweave_v1.yaml", "coreweave_v2.yaml",
                                      "s3express_v1.yaml", "s3express_v2.yaml"])
 def test_existing_file_keeps_every_key_it_need_not_change(capsys, example):

@@ -24,6 +24,8 @@ from lmcache.v1.storage_backend.storage_manager import StorageManager  # noqa: E
 import kvstore  # noqa: E402
 from kvstore.lmcache import naming  # noqa: E402
 
+pytestmark = pytest.mark.lmcache
+
 CHUNK = 16
 HIDDEN = 8 * 128
 MODEL = "org/m"
@@ -71,7 +73,7 @@ def wait_for(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module", params=["file", "moto", "seaweedfs", "ceph"])
+@pytest.fixture(scope="module", params=["file", *(pytest.param(s, marks=pytest.mark.servers) for s in ("moto", "seaweedfs", "ceph"))])
 def store_target(request, tmp_path_factory):
     """(url, extra_config) of an empty store: a directory, or a fresh bucket on one of the S3 servers."""
     if request.param == "file":
@@ -222,3 +224,37 @@ def test_storage_plugin_fresh_instance_sees_earlier_chunks(plugin_manager):
         got.ref_count_down()
     finally:
         other.close()
+
+
+@pytest.mark.servers
+def test_a_chunk_retrieved_costs_one_get_and_no_head(s3_servers):
+    """Against moto behind a counting proxy: a full and a short chunk each come back with one
+    request (the GET hands back size and layout), where a HEAD came before every GET."""
+    from kvstore.testing.faults import FaultProxy
+
+    moto = s3_servers.get("moto")
+    bucket = f"lmc-{os.urandom(4).hex()}"
+    moto.create_bucket(bucket)
+    with FaultProxy(moto.port) as proxy:
+        manager = make_manager(remote_plugin_config(moto.url(bucket, "kv"), moto.extra_config(s3_endpoint_url=proxy.endpoint)))
+        try:
+            backend = manager.storage_backends["RemoteBackend-kvstore"]
+            keys = [key(0x4321), key(0x4322)]
+            objs = [chunk(manager, CHUNK, 3), chunk(manager, 5, 4)]
+            tensors = [o.tensor.clone() for o in objs]
+            manager.batched_put(keys, objs)
+            wait_for(lambda: backend.batched_contains(keys) == 2)
+            for k, expected in zip(keys, tensors):
+                before = proxy.responses
+                got = backend.get_blocking(k)
+                requests = proxy.responses - before
+                assert got is not None and torch.equal(got.tensor, expected)
+                assert got.get_shapes()[0] == expected.shape
+                got.ref_count_down()
+                assert requests == 1, f"{requests} requests to retrieve one chunk"
+            before = proxy.responses
+            assert backend.get_blocking(key(0x999)) is None
+            assert proxy.responses - before == 1  # a miss: the GET's 404
+        finally:
+            manager.close()
+    moto.delete_bucket(bucket)

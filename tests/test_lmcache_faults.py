@@ -21,6 +21,8 @@ from test_lmcache_connector import CHUNK, HIDDEN, key, lmcache_metadata  # noqa:
 from kvstore.testing.faults import FaultProxy  # noqa: E402
 from kvstore.testing.servers import virtual_hosting_works  # noqa: E402
 
+pytestmark = [pytest.mark.servers, pytest.mark.lmcache]
+
 PLUGIN_KEYS = {"remote_storage_plugin.kvstore.module_path": "kvstore.lmcache",
                "remote_storage_plugin.kvstore.class_name": "KVStoreConnectorAdapter"}
 

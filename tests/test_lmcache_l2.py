@@ -22,6 +22,8 @@ from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend  # noqa
 import kvstore  # noqa: E402
 from kvstore.lmcache import naming  # noqa: E402
 
+pytestmark = pytest.mark.lmcache
+
 SHAPE = torch.Size([2, 1, 16, 1024])
 
 
@@ -142,3 +144,80 @@ def test_eviction_at_the_top_level_reaches_lmcache_and_the_adapter_builds(tmp_pa
         assert adapter.supports_global_eviction  # max_capacity_gb reached it: the controller will evict
     finally:
         adapter.close()
+
+
+@pytest.mark.servers
+def test_lookups_answer_from_memory_list_pages_and_delete_without_heads(s3_servers, cpu_backend):
+    """Against moto behind a counting proxy: a lookup of keys this adapter stored or already found
+    sends nothing, an unknown key one HEAD; ``list_l2_keys`` pages with one ListObjectsV2 each,
+    filters by model, skips foreign objects and resumes from its cursor; a delete sends one
+    DeleteObjects and no HEAD."""
+    import os
+
+    from kvstore.testing.faults import FaultProxy
+
+    moto = s3_servers.get("moto")
+    bucket = f"l2-{os.urandom(4).hex()}"
+    moto.create_bucket(bucket)
+    params = {"kvstore_url": moto.url(bucket), "max_capacity_gb": 1}
+    stored = [ObjectKey(chunk_hash=i.to_bytes(8, "big"), model_name="org/m", kv_rank=1) for i in range(1100)]
+    with kvstore.open(moto.url(bucket), moto.extra_config()) as store:  # objects written by another node
+        store.put_many((naming.mp_object_name(k), b"x" * 64) for k in stored)
+        store.put(naming.mp_object_name(ObjectKey(chunk_hash=b"\x01" * 8, model_name="other", kv_rank=1)), b"y")
+        store.put("not-a-chunk", b"z")
+    with FaultProxy(moto.port) as proxy:
+        adapter = create_l2_adapter_from_registry(get_l2_adapter_config_class("plugin").from_dict(
+            {"type": "plugin", "module_path": "kvstore.lmcache.l2", "class_name": "KVStoreL2Adapter",
+             "config_class_name": "KVStoreL2AdapterConfig",
+             "adapter_params": {**params, **moto.extra_config(s3_endpoint_url=proxy.endpoint)}}))
+        try:
+            def requests_for(action):
+                before = proxy.responses
+                result = action()
+                return result, proxy.responses - before
+
+            def lookup(keys):
+                bitmap = poll(adapter.query_lookup_and_lock_result, adapter.submit_lookup_and_lock_task(keys, {}))
+                adapter.submit_unlock(keys)
+                return [bitmap.test(i) for i in range(len(keys))]
+
+            hits, sent = requests_for(lambda: lookup(stored[:3]))
+            assert hits == [True] * 3 and sent == 3  # unknown to this adapter: one HEAD each
+            hits, sent = requests_for(lambda: lookup(stored[:3]))
+            assert hits == [True] * 3 and sent == 0  # found before: answered from memory
+
+            mine = [ObjectKey(chunk_hash=b"\xaa" * 8, model_name="org/m", kv_rank=1)]
+            task = adapter.submit_store_task(mine, [buffer(cpu_backend, seed=1)])
+            wait_fd(adapter.get_store_event_fd())
+            assert adapter.pop_completed_store_tasks()[task].is_successful()
+            hits, sent = requests_for(lambda: lookup(mine))
+            assert hits == [True] and sent == 0  # stored here
+
+            pages, listed = [], []
+            cursor = None
+            while True:
+                page, sent = requests_for(lambda c=cursor: adapter.list_l2_keys(model_name="org/m", page_size=500, cursor=c))
+                pages.append((len(page.entries), sent))
+                listed.extend(page.entries)
+                cursor = page.next_page_token
+                if cursor is None:
+                    break
+            assert [n for n, _ in pages][:2] == [500, 500] and sum(n for n, _ in pages) == 1101
+            assert all(sent == 1 for _, sent in pages), pages
+            assert {e.key.chunk_hash_hex for e in listed} == {k.chunk_hash.hex() for k in [*stored, *mine]}
+            assert all(e.key.model_name == "org/m" for e in listed)
+            everything = adapter.list_l2_keys(page_size=5000)
+            assert len(everything.entries) == 1000 and everything.next_page_token is not None
+            rest = adapter.list_l2_keys(page_size=5000, cursor=everything.next_page_token)
+            assert len(rest.entries) == 102 and rest.next_page_token is None  # 'other' counted, 'not-a-chunk' not
+            with pytest.raises(ValueError):
+                adapter.list_l2_keys(cursor="garbage")
+
+            _, sent = requests_for(lambda: adapter.delete(stored[:10]))
+            assert sent == 1  # one DeleteObjects, no HEADs
+            with kvstore.open(moto.url(bucket), moto.extra_config()) as store:
+                assert not any(store.exists_many([naming.mp_object_name(k) for k in stored[:10]]))
+                assert store.exists(naming.mp_object_name(stored[10]))
+        finally:
+            adapter.close()
+    moto.delete_bucket(bucket)

@@ -15,7 +15,7 @@ import pytest
 import kvstore
 from kvstore.backends import backend_class
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.servers, pytest.mark.timeout(120)]
 THREADS = 32
 OPS_PER_THREAD = 40
 LEAK_OPS = 100_000 if os.environ.get("KVSTORE_SOAK") == "1" else 10_000

@@ -12,6 +12,8 @@ import pytest
 import kvstore
 from kvstore.errors import AuthError, BucketNotFound, InvalidKey, PreconditionFailed, StoreTimeout, StoreUnavailable
 
+pytestmark = pytest.mark.servers
+
 BACKENDS = ("obstore", "fsspec")
 MiB = 1024 * 1024
 

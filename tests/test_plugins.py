@@ -149,6 +149,7 @@ def _cli(env, *argv: str, stdin: str = "") -> subprocess.CompletedProcess:
                           input=stdin)
 
 
+@pytest.mark.slow  # builds and pip-installs a backend distribution
 def test_an_out_of_tree_backend_is_listed_with_its_profile_and_key(sqlite_backend):
     listed = json.loads(_cli(sqlite_backend, "resolve", "--backends", "--json").stdout)
     row = next(r for r in listed if r["backend"] == "sqlite")
@@ -156,6 +157,7 @@ def test_an_out_of_tree_backend_is_listed_with_its_profile_and_key(sqlite_backen
     assert row["keys"] == ["kvstore_sqlite_journal_mode"]
 
 
+@pytest.mark.slow  # builds and pip-installs a backend distribution
 def test_an_out_of_tree_backends_keys_are_validated_and_shown(sqlite_backend, tmp_path):
     url = f"sqlite://{tmp_path / 'cache.db'}"
     shown = _cli(sqlite_backend, "resolve", url, "--set", "kvstore_sqlite_journal_mode=delete", "--json")
@@ -172,6 +174,7 @@ def test_an_out_of_tree_backends_keys_are_validated_and_shown(sqlite_backend, tm
     assert elsewhere.returncode == 2 and "is a setting of the sqlite backend" in elsewhere.stderr
 
 
+@pytest.mark.slow  # builds and pip-installs a backend distribution
 def test_an_out_of_tree_backend_passes_the_conformance_suite(sqlite_backend, tmp_path):
     url = f"sqlite://{tmp_path / 'cache.db'}"
     run = _cli(sqlite_backend, "conformance", url, "--set", "kvstore_sqlite_journal_mode=wal", "--json", "-")

@@ -9,6 +9,8 @@ import kvstore
 from kvstore.backends.base import PIECE
 from kvstore.layers import integrity
 
+pytestmark = pytest.mark.servers
+
 SIZE = 10 * PIECE + 123  # two 8 MiB CRT parts, eleven pieces, a short last one
 STREAMING = ("crt", "obstore", "fsspec", "file")
 

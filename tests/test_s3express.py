@@ -21,7 +21,7 @@ from kvstore.backends import backend_class
 from kvstore.testing.s3express_gateway import S3ExpressGateway
 from kvstore.testing.tls import ThrowawayCA
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.servers, pytest.mark.timeout(60)]
 TTL_S = 8  # the CRT treats a session as expired 5 s before its Expiration
 OBSTORE_SESSION_S = 300  # obstore keeps a session this long by its own clock, whatever Expiration says
 

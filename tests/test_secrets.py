@@ -85,6 +85,7 @@ def test_mistyped_secret_values_are_not_quoted(key, value, tmp_path, capsys):
 
 
 # -- -vv: kvstore's loggers only --------------------------------------------------------------------
+@pytest.mark.servers
 def test_vv_leaves_other_libraries_at_warning(s3_servers, unique_name):
     """Run as a user would (a fresh process): botocore's DEBUG log carries request headers."""
     moto = s3_servers.get("moto")
@@ -161,6 +162,7 @@ def test_marker_secret_appears_in_no_output(tmp_path, capsys, caplog, monkeypatc
     assert MARKER not in caplog.text
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize("backend", ["crt", "obstore", "fsspec"])
 def test_marker_secret_rejected_by_a_real_server_is_not_echoed(backend, s3_servers, unique_name, caplog):
     """A wrong secret that reaches moto: the AuthError, its causes and kvstore's DEBUG log never quote it."""

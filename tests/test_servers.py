@@ -21,6 +21,8 @@ boto3 = pytest.importorskip("boto3")
 from botocore.config import Config  # noqa: E402
 from botocore.exceptions import BotoCoreError, ClientError  # noqa: E402
 
+pytestmark = pytest.mark.servers
+
 
 @pytest.fixture(scope="module", params=servers.SERVER_NAMES)
 def managed(request):
@@ -212,6 +214,21 @@ def test_declared_limits_are_real(managed, bucket):
             assert [o["Key"] for o in c.list_objects_v2(Bucket=bucket, Prefix="sp")["Contents"]] == ["sp "]
         elif limit.id == "atomic-overwrite":
             assert _overwrite_shows_a_torn_object(c, bucket), "every read racing a put saw a whole object"
+        elif limit.id in ("list-order", "list-resume", "list-start-after"):
+            names = ["o/a-x", "o/a/1", "o/a/b/2", "o/a0"]  # S3's order
+            for name in names:
+                c.put_object(Bucket=bucket, Key=name, Body=b"")
+
+            def listed(**kw):
+                return [o["Key"] for o in c.list_objects_v2(Bucket=bucket, **kw).get("Contents", [])]
+
+            if limit.id == "list-order":
+                assert listed(Prefix="o/") != names, "the server lists in S3's order now"
+            elif limit.id == "list-resume":
+                order = listed(Prefix="o/")
+                assert listed(Prefix="o/", StartAfter=order[-2]) != order[-1:], "start-after follows the listing's order now"
+            else:
+                assert "o/a/1" not in listed(Prefix="o/", StartAfter="o/a"), "start-after='o/a' keeps 'o/a/1' now"
         else:
             raise AssertionError(f"{managed.name}: no check for declared limit {limit.id!r}")
         assert limit.cases and limit.what, limit
@@ -264,6 +281,7 @@ def _need_moto():
         pytest.skip(reason)
 
 
+@pytest.mark.slow  # moto replays its request recording: ~15 s
 def test_moto_persist_survives_restart():
     _need_moto()
     with servers.start_moto(persist=True) as m:
@@ -308,7 +326,7 @@ def test_start_failure_reports_log_tail(monkeypatch):
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
-    monkeypatch.setattr(servers, "free_port", lambda host="127.0.0.1": port)
+    monkeypatch.setattr(servers.moto, "free_port", lambda host="127.0.0.1": port)  # the port MotoServer takes
     try:
         with pytest.raises(servers.ServerStartError) as e:
             servers.start_moto(timeout=15)

@@ -45,6 +45,7 @@ def test_sync_batch_and_results_in_order(store):
     assert sorted(store.list("k")) == [f"k{i}" for i in range(10) if i != 3]
 
 
+@pytest.mark.lmcache
 def test_get_into_buffer_kinds(store):
     import torch
 

@@ -2,18 +2,23 @@
 
 A backend moves bytes and nothing else: no retries, deadlines, metrics, checksums or key
 mapping (those are layers, see ``kvstore.layers``). Every method is blocking and thread-safe;
-``KVStore`` runs them on its own bounded pool for batches and asyncio.
+``KVStore`` runs them on its own bounded pool for batches and asyncio. Listings come a page at a
+time, in name order, and resume after any name, so that a layer can retry one page and nothing
+ever holds a whole listing.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, cast
 
 from kvstore.config import StoreConfig
 from kvstore.errors import BufferTooSmall, ConfigError, IntegrityError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 OnChunk = Callable[[int, memoryview], None]
 """``on_chunk(offset, view)``: a piece of an object that has just landed in the caller's buffer."""
@@ -25,6 +30,9 @@ PIECE = 1 << 20
 
 # How often ``get`` sizes a buffer again for an object replaced under it.
 _GET_RESIZES = 4
+
+# Objects per listing page: what S3's ListObjectsV2 returns at most, and what local stores hand out at a time.
+LIST_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,8 @@ class Capabilities:
 class Backend(abc.ABC):
     """One object store reached one way. Names are full object names (prefix included)."""
 
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    # Per class; a layer copies its inner backend's onto the instance.
+    capabilities: Capabilities = Capabilities()
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
@@ -116,9 +125,24 @@ class Backend(abc.ABC):
         """Remove several objects; native batch calls where the service has them."""
         return [self.delete(name) for name in names]
 
+    def discard_many(self, names: list[str]) -> None:
+        """Remove several objects without learning whether they were there (S3: no HEADs first)."""
+        self.delete_many(names)
+
     @abc.abstractmethod
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object whose name starts with ``prefix`` (``key`` set to the full name), any order."""
+    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[Sequence[ObjectInfo]]:
+        """Pages of the objects whose name starts with ``prefix`` and sorts after ``start_after``.
+
+        Names come in ascending order (code points, which is UTF-8 byte order, as S3 lists), each
+        ``key`` set to the full name. Each page is one request where the service pages (S3's
+        ListObjectsV2), at most about ``LIST_PAGE`` objects elsewhere; a page may be empty. A
+        failed page is raised; listing again with ``start_after`` the last name seen resumes.
+        """
+
+    def list(self, prefix: str, start_after: str | None = None) -> Iterator[ObjectInfo]:
+        """The objects of ``list_pages``, one by one."""
+        for page in self.list_pages(prefix, start_after):
+            yield from page
 
     def close(self) -> None:  # noqa: B027 - a backend without resources has nothing to release
         """Release clients, threads and sockets. Idempotent."""
@@ -142,7 +166,7 @@ def as_byte_view(data: object) -> memoryview:
     """A flat, read-only byte view of any buffer (bytes, bytearray, numpy, torch CPU tensor) without copying."""
     if hasattr(data, "numpy") and hasattr(data, "is_contiguous") and hasattr(data, "device"):
         data = _torch_bytes(data)
-    view = memoryview(data)
+    view = memoryview(cast("Buffer", data))
     if not view.c_contiguous:  # a Fortran-ordered array is contiguous too, but not in the byte order we store
         raise ValueError("data must be a C-contiguous buffer (numpy: np.ascontiguousarray)")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
@@ -152,7 +176,7 @@ def as_writable_view(buffer: object) -> memoryview:
     """A flat, writable byte view of a caller's buffer, without copying."""
     if hasattr(buffer, "numpy") and hasattr(buffer, "is_contiguous") and hasattr(buffer, "device"):
         buffer = _torch_bytes(buffer)
-    view = memoryview(buffer)
+    view = memoryview(cast("Buffer", buffer))
     if view.readonly:
         raise ValueError("get_into needs a writable buffer (bytearray, memoryview, numpy array, CPU tensor)")
     if not view.c_contiguous:
@@ -160,7 +184,7 @@ def as_writable_view(buffer: object) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def _torch_bytes(tensor):
+def _torch_bytes(tensor: Any) -> Any:
     """A uint8 numpy view sharing the tensor's memory (works for bf16, which numpy lacks)."""
     if tensor.device.type != "cpu":
         raise ValueError(f"only CPU tensors can be read or written directly, got device {tensor.device}")
@@ -172,7 +196,7 @@ def _torch_bytes(tensor):
 
 
 
-def read_exactly(readinto, name: str, size: int, buffer: memoryview, on_chunk: OnChunk | None = None, *, local: bool = False) -> None:
+def read_exactly(readinto: Callable[[memoryview], int | None], name: str, size: int, buffer: memoryview, on_chunk: OnChunk | None = None, *, local: bool = False) -> None:
     """Fill ``buffer[:size]`` from a ``readinto``-style callable; a short source is an IntegrityError.
 
     With ``on_chunk`` it reads ``PIECE`` bytes at a time and hands each piece on as it lands.
@@ -205,3 +229,17 @@ def read_exactly(readinto, name: str, size: int, buffer: memoryview, on_chunk: O
         if on_chunk:
             on_chunk(done, buffer[done:done + n])
         done += n
+
+
+def pages_of(infos: Iterable[ObjectInfo], prefix: str, start_after: str | None, size: int = LIST_PAGE) -> Iterator[list[ObjectInfo]]:
+    """Pages of ``size`` from ``infos`` (already in name order), keeping names under ``prefix`` after ``start_after``."""
+    page: list[ObjectInfo] = []
+    for info in infos:
+        if not info.key.startswith(prefix) or (start_after is not None and info.key <= start_after):
+            continue
+        page.append(info)
+        if len(page) >= size:
+            yield page
+            page = []
+    if page:
+        yield page

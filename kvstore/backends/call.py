@@ -35,7 +35,7 @@ class BufferLease:
         self._lock = threading.Lock()
         self._revoked = False
         self._reason = ""
-        self._on_revoke: list[Callable[[], None]] = []
+        self._on_revoke: list[Callable[[], object]] = []
 
     @property
     def revoked(self) -> bool:
@@ -58,7 +58,7 @@ class BufferLease:
         with self.writing():
             dst[:] = src  # type: ignore[call-overload]
 
-    def on_revoke(self, callback: Callable[[], None]) -> None:
+    def on_revoke(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` (stop the transfer: cancel a request, drop a stream) when revoked; at once if already."""
         with self._lock:
             if not self._revoked:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import logging
 import os
@@ -24,8 +25,9 @@ import secrets
 import stat
 import struct
 from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, cast
 
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, read_exactly
+from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, pages_of, read_exactly
 from kvstore.backends.file_paths import (
     FILE_FLAGS,
     Tree,
@@ -36,6 +38,12 @@ from kvstore.backends.file_paths import (
 )
 from kvstore.backends.file_temp import remove_stale, stale
 from kvstore.errors import IntegrityError, PreconditionFailed, StoreUnavailable
+
+if TYPE_CHECKING:
+    from kvstore.config import StoreConfig
+
+    # What _open returns: the file at the object's bytes, their size, its stat, its metadata (None unless read).
+    _Opened = tuple[io.FileIO, int, os.stat_result, dict[str, str] | None]
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<4sIQ")  # magic, length of the JSON metadata that follows, length of the bytes after it
@@ -48,7 +56,7 @@ _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 class FileBackend(Backend):
     capabilities = Capabilities(conditional_put=True)
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: StoreConfig) -> None:
         super().__init__(config)
         self.root = config.location
         self._tree = Tree(self.root)
@@ -115,7 +123,7 @@ class FileBackend(Backend):
         return tmp
 
     # -- reading -------------------------------------------------------------------------
-    def _open(self, name: str, *, metadata: bool = True):
+    def _open(self, name: str, *, metadata: bool = True) -> _Opened | None:
         """(file positioned at the object's bytes, their size, its stat, metadata), or None when absent."""
         dirs, base = object_parts(name)
         with self._tree.walk(name, dirs, create=False, action="read") as fds:
@@ -123,7 +131,7 @@ class FileBackend(Backend):
                 return None
             return self._open_at(fds[-1], base + "#", "/".join(dirs + [base + "#"]), name, metadata=metadata)
 
-    def _open_at(self, parent: int, file_name: str, rel: str, name: str, *, metadata: bool):
+    def _open_at(self, parent: int, file_name: str, rel: str, name: str, *, metadata: bool) -> _Opened | None:
         """``_open`` of the object file ``file_name`` in directory ``parent``.
 
         With ``metadata=False`` the metadata is neither read nor parsed (None), and the file is
@@ -159,7 +167,7 @@ class FileBackend(Backend):
             raise
 
     @staticmethod
-    def _read_metadata(f, length: int, name: str) -> dict[str, str]:
+    def _read_metadata(f: io.FileIO, length: int, name: str) -> dict[str, str]:
         try:
             metadata = json.loads(f.read(length))
         except ValueError:
@@ -173,6 +181,7 @@ class FileBackend(Backend):
         if opened is None:
             return None
         f, size, _, metadata = opened
+        metadata = cast("dict[str, str]", metadata)  # read: _open's metadata=True
         with f:
             try:
                 # local: a file read never waits on a network, so it may land in the caller's
@@ -188,6 +197,7 @@ class FileBackend(Backend):
         if opened is None:
             return None
         f, size, _, metadata = opened
+        metadata = cast("dict[str, str]", metadata)  # read: _open's metadata=True
         buffer = bytearray(size)
         view, done = memoryview(buffer), 0
         with f:
@@ -206,6 +216,7 @@ class FileBackend(Backend):
         if opened is None:
             return None
         f, size, st, metadata = opened
+        metadata = cast("dict[str, str]", metadata)  # read: _open's metadata=True
         f.close()
         return ObjectInfo(name, size, metadata, st.st_mtime)
 
@@ -229,17 +240,22 @@ class FileBackend(Backend):
             return True
 
     # -- listing -------------------------------------------------------------------------
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[list[ObjectInfo]]:
         root = self._tree.open_root(f"the objects under {prefix!r}", create=False)
         try:
-            yield from self._walk(root, [], [], prefix)
+            yield from pages_of(self._walk(root, [], [], prefix, start_after), prefix, start_after)
         finally:
             os.close(root)
 
-    def _walk(self, fd: int, segments: list[str], parts: list[str], prefix: str) -> Iterator[ObjectInfo]:
-        """Objects below directory ``fd``: ``segments`` decoded so far, ``parts`` of one continued segment."""
+    def _walk(self, fd: int, segments: list[str], parts: list[str], prefix: str,
+              start_after: str | None) -> Iterator[ObjectInfo]:
+        """Objects below directory ``fd`` in name order: ``segments`` decoded so far, ``parts`` of one continued segment.
+
+        One directory's entries are read and sorted at a time, never the whole tree. A directory
+        sorts as its name plus "/", which puts its objects exactly where S3 would list them.
+        """
         try:
-            entries = list(os.scandir(fd))
+            entries = sorted(os.scandir(fd), key=lambda e: _sort_key(e.name, parts))
         except FileNotFoundError:  # pruned by a delete since we opened it
             return
         except OSError as exc:
@@ -253,10 +269,10 @@ class FileBackend(Backend):
             elif "#" not in name and entry.is_dir(follow_symlinks=False):
                 segment = decode_segment(parts + [name])
                 full = "/".join(segments + [segment])
-                if full.startswith(prefix[: len(full)]):  # only directories that can hold a match
-                    yield from self._descend(fd, name, segments + [segment], [], prefix)
+                if full.startswith(prefix[: len(full)]) and not _all_before(full + "/", start_after):
+                    yield from self._descend(fd, name, segments + [segment], [], prefix, start_after)
             elif name.endswith("#c") and name.count("#") == 1 and entry.is_dir(follow_symlinks=False):
-                yield from self._descend(fd, name, segments, parts + [name], prefix)
+                yield from self._descend(fd, name, segments, parts + [name], prefix, start_after)
             elif name.endswith("#") and name.count("#") == 1:
                 if entry.is_file(follow_symlinks=False):
                     yield from self._object(fd, name, segments + [decode_segment(parts + [name[:-1]])], prefix)
@@ -264,7 +280,8 @@ class FileBackend(Backend):
                     log.warning("file store %r: skipping %r under %r, not a regular file", self.root, name,
                                 "/".join(segments))
 
-    def _descend(self, fd: int, entry: str, segments: list[str], parts: list[str], prefix: str) -> Iterator[ObjectInfo]:
+    def _descend(self, fd: int, entry: str, segments: list[str], parts: list[str], prefix: str,
+                 start_after: str | None) -> Iterator[ObjectInfo]:
         try:
             child = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
         except FileNotFoundError:
@@ -274,7 +291,7 @@ class FileBackend(Backend):
                 return
             raise self._tree.os_error(exc, f"the objects under {'/'.join(segments)!r}", "list") from exc
         try:
-            yield from self._walk(child, segments, parts, prefix)
+            yield from self._walk(child, segments, parts, prefix, start_after)
         finally:
             close_all([child])
 
@@ -309,3 +326,24 @@ class FileBackend(Backend):
         Returns (files removed, bytes freed).
         """
         return remove_stale(self._tree, older_than_s)
+
+
+def _sort_key(entry: str, parts: list[str]) -> str:
+    """Where an entry of a directory sorts among its siblings: by the object names below it.
+
+    An object file sorts as its decoded name, a directory as its name and "/", a piece of an
+    over-long segment (``#c``) as the part of the name it holds. Anything else (temp files,
+    strays) sorts by its raw name; it is skipped either way.
+    """
+    if entry.endswith("#") and entry.count("#") == 1:
+        return decode_segment(parts + [entry[:-1]])
+    if entry.endswith("#c") and entry.count("#") == 1:
+        return decode_segment(parts + [entry[:-2]])
+    if "#" not in entry:
+        return decode_segment(parts + [entry]) + "/"
+    return entry
+
+
+def _all_before(dir_prefix: str, start_after: str | None) -> bool:
+    """Whether every name starting with ``dir_prefix`` sorts at or before ``start_after``."""
+    return start_after is not None and start_after > dir_prefix and not start_after.startswith(dir_prefix)

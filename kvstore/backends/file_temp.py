@@ -30,7 +30,7 @@ def _temps(tree: Tree, older_than_s: float) -> Iterator[tuple[int, list[str], st
         os.close(root)
 
 
-def _walk(tree: Tree, fd: int, rel: list[str], now: float, older_than_s: float):
+def _walk(tree: Tree, fd: int, rel: list[str], now: float, older_than_s: float) -> Iterator[tuple[int, list[str], str, int, float]]:
     try:
         entries = list(os.scandir(fd))
     except FileNotFoundError:  # pruned since we opened it
@@ -74,11 +74,11 @@ def remove_stale(tree: Tree, older_than_s: float) -> tuple[int, int]:
         removed += 1
         freed += size
         emptied.add(tuple(rel))
-    for rel in sorted(emptied, key=len, reverse=True):
+    for parts in sorted(emptied, key=len, reverse=True):
         try:
-            with tree.walk(_WHAT, list(rel), create=False, action="clean up") as fds:
+            with tree.walk(_WHAT, list(parts), create=False, action="clean up") as fds:
                 if fds is not None:
-                    tree.prune(fds, list(rel))
+                    tree.prune(fds, list(parts))
         except (Vanished, OSError, KVStoreError):
             continue
     return removed, freed

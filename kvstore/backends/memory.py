@@ -5,10 +5,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from kvstore.backends import call
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult
+from kvstore.backends.base import LIST_PAGE, Backend, Capabilities, ObjectInfo, OnChunk, ReadResult
 from kvstore.errors import BufferTooSmall, PreconditionFailed
+
+if TYPE_CHECKING:
+    from kvstore.config import StoreConfig
 
 # Stores of the same name share their objects, as two clients of one bucket would.
 _SPACES: dict[str, dict[str, tuple[bytes, dict[str, str], float]]] = {}
@@ -18,7 +22,7 @@ _SPACES_LOCK = threading.Lock()
 class MemoryBackend(Backend):
     capabilities = Capabilities(conditional_put=True)
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: StoreConfig) -> None:
         super().__init__(config)
         with _SPACES_LOCK:
             self._objects = _SPACES.setdefault(config.location, {})
@@ -42,7 +46,7 @@ class MemoryBackend(Backend):
         call.copy_into(buffer[: len(data)], data)
         return ReadResult(len(data), dict(metadata))
 
-    def get(self, name: str):
+    def get(self, name: str) -> tuple[bytes, ReadResult] | None:
         with self._lock:
             entry = self._objects.get(name)
         return None if entry is None else (entry[0], ReadResult(len(entry[0]), dict(entry[1])))
@@ -56,8 +60,16 @@ class MemoryBackend(Backend):
         with self._lock:
             return self._objects.pop(name, None) is not None
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[list[ObjectInfo]]:
+        # The names are sorted once (references only: the objects are in memory anyway); each page
+        # is read under the lock, so an object deleted since is left out, never shown stale.
         with self._lock:
-            snapshot = [(n, e) for n, e in self._objects.items() if n.startswith(prefix)]
-        for name, (data, metadata, mtime) in snapshot:
-            yield ObjectInfo(name, len(data), dict(metadata), mtime)
+            names = sorted(n for n in self._objects if n.startswith(prefix) and (start_after is None or n > start_after))
+        for start in range(0, len(names), LIST_PAGE):
+            page = []
+            with self._lock:
+                for name in names[start:start + LIST_PAGE]:
+                    entry = self._objects.get(name)
+                    if entry is not None:
+                        page.append(ObjectInfo(name, len(entry[0]), dict(entry[1]), entry[2]))
+            yield page

@@ -43,7 +43,7 @@ class BucketProbe:
         """The server said ``NoSuchBucket``: probe again next time (it may be created meanwhile)."""
         self._seen = False
 
-    def confirm(self, probe: Callable[[], None]) -> None:
+    def confirm(self, probe: Callable[[], object]) -> None:
         """After a bare 404: return when the bucket exists; ``probe`` raises (``BucketNotFound``, ...) otherwise."""
         if self._seen:
             return

@@ -14,10 +14,13 @@ import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlsplit
 
 from kvstore.bench.null_endpoint import payload
+
+if TYPE_CHECKING:
+    from kvstore.store import KVStore
 
 BACKENDS = ("crt", "obstore", "fsspec")
 BASELINES = ("awscrt", "obstore", "boto3", "s3fs", "lmcache")
@@ -115,7 +118,7 @@ class KVStoreContender(Contender):
     def __init__(self, backend: str, target: Target, size: int, concurrency: int) -> None:
         super().__init__(f"kvstore-{backend}", target, size, concurrency)
         self.backend = backend
-        self.store = None
+        self.store: KVStore | None = None
 
     def open(self) -> None:
         import kvstore
@@ -127,20 +130,57 @@ class KVStoreContender(Contender):
         if self.store is not None:
             self.store.close()
 
+    @property
+    def _store(self) -> KVStore:
+        assert self.store is not None, f"{self.name} is not open"
+        return self.store
+
     def _key(self, i: int) -> str:
         return f"bench-{self.name}/{i:06d}"
 
     def put(self, i: int, buffer: Any = None) -> None:
-        self.store.put(self._key(i), self.data)
+        self._store.put(self._key(i), self.data)
 
-    def get(self, i: int, buffer: Any = None) -> int:
-        return len(self.store.get(self._key(i)))
+    def get(self, i: int, buffer: Any = None) -> int | None:
+        data = self._store.get(self._key(i))
+        return None if data is None else len(data)  # a missing object: the runner's check reports it
 
-    def get_into(self, i: int, buffer: Any) -> int:
-        return self.store.get_into(self._key(i), buffer)
+    def get_into(self, i: int, buffer: Any) -> int | None:
+        return self._store.get_into(self._key(i), buffer)
 
     def exists(self, i: int, buffer: Any = None) -> bool:
-        return self.store.exists(self._key(i))
+        return self._store.exists(self._key(i))
+
+
+class KVStoreAsyncContender(KVStoreContender):
+    """kvstore through its asyncio API, awaited on an event loop as LMCache's connector does."""
+
+    asynchronous = True
+
+    def __init__(self, backend: str, target: Target, size: int, concurrency: int) -> None:
+        super().__init__(backend, target, size, concurrency)
+        self.name = f"kvstore-{backend}-async"
+
+    def open(self) -> None:
+        super().open()
+        self._start_loop()
+
+    def close(self) -> None:
+        KVStoreContender.close(self)
+        Contender.close(self)
+
+    async def put(self, i: int, buffer: Any = None) -> None:  # type: ignore[override]
+        await self._store.aput(self._key(i), self.data)
+
+    async def get(self, i: int, buffer: Any = None) -> int | None:  # type: ignore[override]
+        data = await self._store.aget(self._key(i))
+        return None if data is None else len(data)  # a missing object: the runner's check reports it
+
+    async def get_into(self, i: int, buffer: Any) -> int | None:  # type: ignore[override]
+        return await self._store.aget_into(self._key(i), buffer)
+
+    async def exists(self, i: int, buffer: Any = None) -> bool:  # type: ignore[override]
+        return await self._store.aexists(self._key(i))
 
 
 class AwscrtContender(Contender):
@@ -424,15 +464,28 @@ BASELINE_CLASSES: dict[str, type[Contender]] = {
 }
 
 
-def build(backends: list[str], baselines: list[str], target: Target, size: int, concurrency: int) -> list[Contender]:
-    """Every contender asked for, in the order asked; unknown names are a usage error."""
+APIS = ("sync", "async")
+
+
+def build(backends: list[str], baselines: list[str], target: Target, size: int, concurrency: int,
+          apis: tuple[str, ...] = APIS) -> list[Contender]:
+    """Every contender asked for, in the order asked; unknown names are a usage error.
+
+    Each backend runs through each API in ``apis``: the blocking one and the asyncio one.
+    """
     from kvstore.errors import ConfigError
 
+    unknown = set(apis) - set(APIS)
+    if unknown or not apis:
+        raise ConfigError(f"unknown API {', '.join(sorted(unknown)) or '(none)'}; choose from {', '.join(APIS)}")
     out: list[Contender] = []
     for backend in backends:
         if backend not in BACKENDS:
             raise ConfigError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-        out.append(KVStoreContender(backend, target, size, concurrency))
+        if "sync" in apis:
+            out.append(KVStoreContender(backend, target, size, concurrency))
+        if "async" in apis:
+            out.append(KVStoreAsyncContender(backend, target, size, concurrency))
     for name in baselines:
         if name not in BASELINE_CLASSES:
             raise ConfigError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")

@@ -4,8 +4,9 @@ It is not a storage server. A PUT's body is read and dropped; only the object's 
 ``x-amz-meta-*`` headers are remembered. A GET answers ``payload(size)``, the same deterministic
 bytes the benchmark uploads, so clients that check an end-to-end checksum still pass. It speaks
 just enough S3 for the clients under test: PUT (single and multipart), GET (with Range), HEAD,
-DELETE and a minimal ListObjectsV2, path-style or virtual-hosted (``bucket.localhost``), and it
-ignores signatures.
+DELETE and ListObjectsV2 in pages of 1000, path-style or virtual-hosted (``bucket.localhost``),
+and it ignores signatures. A bucket named ``listing-N`` lists N synthetic objects (nothing is
+stored), to measure how a client lists a bucket of millions.
 
 It runs in its own process (``NullEndpoint`` starts one) so that it never shares the client's
 GIL: ``python -m kvstore.bench.null_endpoint`` prints its port and serves until killed.
@@ -238,17 +239,60 @@ class _Connection:
 
     def _list(self, bucket: str, query: dict) -> None:
         prefix = query.get("prefix", [""])[0]
-        with self.state.lock:
-            found = sorted((k, s) for (b, k), (s, _) in self.state.objects.items() if b == bucket and k.startswith(prefix))
+        after = (query.get("continuation-token") or query.get("start-after") or [""])[0]
+        limit = min(int(query.get("max-keys", ["1000"])[0]), 1000)
+        synthetic = _synthetic(bucket)
+        if synthetic is not None:
+            found = synthetic.page(prefix, after, limit + 1)
+        else:
+            with self.state.lock:
+                found = sorted((k, s) for (b, k), (s, _) in self.state.objects.items()
+                               if b == bucket and k.startswith(prefix) and k > after)[: limit + 1]
+        truncated, found = len(found) > limit, found[:limit]
         contents = "".join(
             f"<Contents><Key>{escape(k)}</Key><Size>{s}</Size><ETag>{escape(_ETAG)}</ETag>"
             f"<LastModified>2025-01-01T00:00:00.000Z</LastModified><StorageClass>STANDARD</StorageClass></Contents>"
             for k, s in found
         )
+        more = f"<NextContinuationToken>{escape(found[-1][0])}</NextContinuationToken>" if truncated else ""
         xml = (f'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>{escape(bucket)}</Name>'
-               f"<Prefix>{escape(prefix)}</Prefix><KeyCount>{len(found)}</KeyCount><MaxKeys>1000</MaxKeys>"
-               f"<IsTruncated>false</IsTruncated>{contents}</ListBucketResult>")
+               f"<Prefix>{escape(prefix)}</Prefix><KeyCount>{len(found)}</KeyCount><MaxKeys>{limit}</MaxKeys>"
+               f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>{more}{contents}</ListBucketResult>")
         self._send("200 OK", [("Content-Type", "application/xml")], xml.encode())
+
+
+class _SyntheticListing:
+    """``count`` objects that exist only in listings, named like LMCache chunks, in name order."""
+
+    SIZE = 1 << 20
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    @staticmethod
+    def name(i: int) -> str:
+        return f"model@1@0@{i:016x}@bfloat16"
+
+    def page(self, prefix: str, after: str, limit: int) -> list[tuple[str, int]]:
+        # The names sort as their index does, so the first one after the marker is a bisection away.
+        lo, hi = 0, self.count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.name(mid) <= after:
+                lo = mid + 1
+            else:
+                hi = mid
+        out = []
+        for i in range(lo, min(self.count, lo + limit)):
+            if self.name(i).startswith(prefix):
+                out.append((self.name(i), self.SIZE))
+        return out
+
+
+def _synthetic(bucket: str) -> _SyntheticListing | None:
+    """Bucket ``listing-N`` lists N synthetic objects (to measure a client on a huge listing); others are real."""
+    stem, _, count = bucket.partition("listing-")
+    return _SyntheticListing(int(count)) if not stem and count.isdigit() else None
 
 
 def serve(port: int = 0) -> None:
@@ -303,9 +347,13 @@ class NullEndpoint:
         return f"s3://{bucket}/{prefix}".rstrip("/")
 
     def extra_config(self, **overrides: Any) -> dict[str, Any]:
-        config = {"s3_endpoint_url": self.endpoint, "aws_access_key_id": ACCESS_KEY,
-                  "aws_secret_access_key": SECRET_KEY, "s3_region": REGION, "s3_addressing_style": "path"}
-        return config | overrides
+        return self.config_for(self.endpoint) | overrides
+
+    @staticmethod
+    def config_for(endpoint: str) -> dict[str, Any]:
+        """The extra_config that reaches a null endpoint listening at ``endpoint``."""
+        return {"s3_endpoint_url": endpoint, "aws_access_key_id": ACCESS_KEY,
+                "aws_secret_access_key": SECRET_KEY, "s3_region": REGION, "s3_addressing_style": "path"}
 
     def create_bucket(self, name: str) -> None:
         """Every bucket exists on the null endpoint."""

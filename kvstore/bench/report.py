@@ -7,7 +7,7 @@ from typing import Any
 from kvstore.bench.runner import GIB, Result
 
 HEADERS = ("contender", "op", "GiB/s", "of TCP", "ops/s", "p50 ms", "p99 ms", "CPU s/GiB", "server CPU s/GiB", "host CPU busy",
-           "RSS +MiB", "x best raw")
+           "RSS +MiB", "threads", "x best raw")
 
 
 def host_cpu_busy(r: Result, cores: int) -> float | None:
@@ -42,7 +42,7 @@ def rows(results: list[Result], cores: int, tcp: float | None = None) -> list[li
             f"{share:.0%}" if share is not None else "-", f"{r.ops_per_s:.0f}", f"{r.p50_ms:.1f}",
             f"{r.p99_ms:.1f}", f"{r.cpu_s_per_gib:.2f}" if moves else "-",
             f"{r.server_cpu_s_per_gib:.2f}" if moves and r.server_cpu_s_per_gib is not None else "-",
-            f"{busy:.0%}" if busy is not None else "-", f"{r.rss_growth_mib:.0f}",
+            f"{busy:.0%}" if busy is not None else "-", f"{r.rss_growth_mib:.0f}", str(r.threads),
             f"{r.ratio_to_best_raw:.2f}" if r.ratio_to_best_raw is not None else "",
         ])
     return out

@@ -33,6 +33,7 @@ class Sample:
     server_cpu_seconds: float | None  # None when the server is not a process on this host
     rss_growth: int  # peak resident set size during the op, above what it was when the op began
     latencies: list[float]
+    threads: int = 0  # the most OS threads the process had while the op ran
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Result:
     cpu_s_per_gib: float = 0.0
     server_cpu_s_per_gib: float | None = None
     rss_growth_mib: float = 0.0
+    threads: int = 0  # peak OS threads of the process during the op, over the rounds
     ratio_to_best_raw: float | None = None
     samples: list[Sample] = field(default_factory=list, repr=False)
 
@@ -77,6 +79,11 @@ def _rss() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
+def _threads() -> int:
+    """OS threads of this process (Python's and the native libraries' alike)."""
+    return len(os.listdir("/proc/self/task"))
+
+
 class PeakRss:
     """The highest resident set size seen while it runs (sampled every 5 ms), and where it started.
 
@@ -85,12 +92,14 @@ class PeakRss:
 
     def __init__(self) -> None:
         self.start = self.peak = _rss()
+        self.threads = _threads()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.005):
             self.peak = max(self.peak, _rss())
+            self.threads = max(self.threads, _threads() - 1)  # less this sampler
 
     @property
     def growth(self) -> int:
@@ -165,15 +174,15 @@ def _check(contender: Contender, op: str, i: int, got: Any, moves_bytes: bool) -
 def _measure(contender: Contender, op: str, count: int, concurrency: int, buffers: list[bytearray],
              server_pids: Callable[[], Sequence[int]] | None) -> Sample:
     pids = list(server_pids()) if server_pids else []
-    server_cpu = process_cpu_seconds(pids)
+    server_cpu_before = process_cpu_seconds(pids)
     cpu = time.process_time()
     with PeakRss() as rss:
         start = time.perf_counter()
         latencies = _drive(contender, op, count, concurrency, buffers)
         seconds = time.perf_counter() - start
     cpu = time.process_time() - cpu
-    server_cpu = max(0.0, process_cpu_seconds(pids) - server_cpu) if pids else None
-    return Sample(seconds, cpu, server_cpu, rss.growth, latencies)
+    server_cpu = max(0.0, process_cpu_seconds(pids) - server_cpu_before) if pids else None
+    return Sample(seconds, cpu, server_cpu, rss.growth, latencies, rss.threads)
 
 
 def _summarise(result: Result, size: int, count: int) -> None:
@@ -186,12 +195,14 @@ def _summarise(result: Result, size: int, count: int) -> None:
     result.gib_per_s = moved / median.seconds if result.op != "exists" else 0.0
     if result.op != "exists":
         result.cpu_s_per_gib = statistics.median(s.cpu_seconds for s in result.samples) / moved
-        if all(s.server_cpu_seconds is not None for s in result.samples):
-            result.server_cpu_s_per_gib = statistics.median(s.server_cpu_seconds for s in result.samples) / moved
+        server_cpu = [s.server_cpu_seconds for s in result.samples if s.server_cpu_seconds is not None]
+        if len(server_cpu) == len(result.samples):  # every round measured the server
+            result.server_cpu_s_per_gib = statistics.median(server_cpu) / moved
     every = sorted(x for s in result.samples for x in s.latencies)
     result.p50_ms = 1000 * every[len(every) // 2]
     result.p99_ms = 1000 * every[min(len(every) - 1, int(len(every) * 0.99))]
     result.rss_growth_mib = max(s.rss_growth for s in result.samples) / (1 << 20)
+    result.threads = max(s.threads for s in result.samples)
 
 
 def _ratios(results: list[Result], raw_clients: tuple[str, ...]) -> None:

@@ -14,7 +14,7 @@ from kvstore.cli.common import add_store_arguments, print_table, url_and_config
 BENCH_BUCKET = "kvstore-bench"
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="compare kvstore's backends with raw S3 clients on one endpoint")
     add_store_arguments(p, url=False)
     p.add_argument("url", nargs="?", help="store URL (omit with --server)")
@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--backends", default=None,
                    help="kvstore backends ('' for none; default: every installed backend that serves S3)")
     p.add_argument("--baselines", default="awscrt,obstore,boto3,s3fs,lmcache", help="raw clients ('' for none)")
+    p.add_argument("--api", default="sync,async",
+                   help="kvstore's APIs to drive: sync (blocking calls on threads), async (awaited on one event "
+                        "loop, as LMCache does) or both (default)")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up (default 3)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-' for stdout only)")
     p.add_argument("--quiet", action="store_true", help="no per-round progress on stderr")
@@ -63,12 +66,14 @@ def endpoint(server: str | None, url: str | None, extra: dict[str, Any]) -> Iter
         raise ConfigError(f"cannot start {server}: {reason}")
     with servers.start(server) as managed:
         s3 = managed.server
+        assert s3 is not None, f"{server} started without an endpoint"  # servers.start returns it up
         s3.create_bucket(BENCH_BUCKET)
         yield s3.url(BENCH_BUCKET, "bench"), s3.extra_config() | extra, f"{server} (own process)", lambda: managed.pids
 
 
 def bench(*, url: str | None, extra: dict[str, Any], server: str | None, size: int, count: int, concurrency: int,
-          ops: list[str], backends: list[str], baselines: list[str], rounds: int, log: Any = None) -> dict[str, Any]:
+          ops: list[str], backends: list[str], baselines: list[str], rounds: int, log: Any = None,
+          apis: tuple[str, ...] = ("sync", "async")) -> dict[str, Any]:
     """Run the whole comparison and return it as plain data (what ``--json`` writes)."""
     from kvstore.bench import contenders as cts
     from kvstore.bench import limits, report, runner
@@ -82,17 +87,20 @@ def bench(*, url: str | None, extra: dict[str, Any], server: str | None, size: i
     with endpoint(server, url, extra) as (store_url, store_extra, label, server_pids):
         target = cts.Target.resolve(store_url, store_extra)
         machine = limits.measure(concurrency)
-        chosen = cts.build(backends, baselines, target, size, concurrency)
+        chosen = cts.build(backends, baselines, target, size, concurrency, apis)
         results = runner.run(chosen, ops, count=count, concurrency=concurrency, rounds=rounds,
                              raw_clients=cts.RAW_CLIENTS, log=log, server_pids=server_pids)
+    fractions: dict[str, float] = {}
+    for r in results:
+        # None for exists, and when the loopback TCP limit measured nothing: no fraction to give
+        share = report.share_of_tcp(r, machine["tcp_concurrent"]) if r.status == "ok" else None
+        if share is not None:
+            fractions[f"{r.contender} {r.op}"] = round(share, 3)
     return {
         "endpoint_label": label, "server": server, "size": size, "count": count, "concurrency": concurrency,
         "rounds": rounds, "limits": machine, "cores": limits.cores(),
         "results": [r.as_dict() for r in results],
-        "fraction_of_limits": {
-            f"{r.contender} {r.op}": round(report.share_of_tcp(r, machine["tcp_concurrent"]), 3)
-            for r in results if r.status == "ok" and r.op != "exists"
-        },
+        "fraction_of_limits": fractions,
         "targets": report.targets(results, machine, server == "null"),
     }
 
@@ -110,7 +118,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     data = bench(url=url, extra=extra, server=args.server, size=parse_size(args.size), count=args.count,
                  concurrency=args.concurrency, ops=_names(args.ops), backends=_names(_s3_backends() if args.backends is None else args.backends),
-                 baselines=_names(args.baselines), rounds=args.rounds, log=log)
+                 baselines=_names(args.baselines), rounds=args.rounds, log=log, apis=tuple(_names(args.api)))
     if args.json and args.json != "-":
         with open(args.json, "w") as f:
             json.dump(data, f, indent=2)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from kvstore.cli.common import add_json_argument, add_store_arguments, load_extra_config, print_json
 from kvstore.errors import ConfigError
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "check",
         help="write, read back, stat, list and delete one probe object",
@@ -24,11 +25,11 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-def _settings(args: argparse.Namespace) -> tuple[str | None, dict]:
+def _settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
     from kvstore.lmcache import config_gen
 
     url = None if args.url in (None, "-") else args.url
-    extra: dict = {}
+    extra: dict[str, Any] = {}
     if args.config:
         raw = config_gen.read_file(args.config)
         file_url, extra = config_gen.store_settings(raw)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvstore.errors import ConfigError, KVStoreError
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
+    from kvstore.store import KVStore
+
+TABLE_WIDTHS_FROM = 1000  # rows that set a streamed table's column widths
 
 # Exit codes scripts can trust.
 EXIT_OK = 0
@@ -95,7 +103,7 @@ def _check_same_store(url: str, file_url: str, path: str) -> None:
 
     from kvstore.config.profiles import detect
 
-    def store(text: str) -> tuple:
+    def store(text: str) -> tuple[str, str, str, str | None, str]:
         d = detect(text)
         location = os.path.abspath(os.path.expanduser(d.location)) if d.profile == "file" else d.location
         return d.profile, d.bucket, d.prefix, d.endpoint, location
@@ -106,26 +114,42 @@ def _check_same_store(url: str, file_url: str, path: str) -> None:
                           key="remote_url")
 
 
-def open_store(args: argparse.Namespace):
+def open_store(args: argparse.Namespace) -> KVStore:
     import kvstore
 
     url, extra = url_and_config(args)
     return kvstore.open(url, extra)
 
 
-def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], out=None) -> None:
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], out: SupportsWrite[str] | None = None) -> None:
+    """Rows under their headers, columns as wide as the first ``TABLE_WIDTHS_FROM`` rows need.
+
+    Rows are printed as they come (a listing of millions streams through); a later, longer
+    cell widens its own line only.
+    """
     out = out or sys.stdout
-    rows = [[str(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    it = ([str(c) for c in row] for row in rows)
+    first = list(itertools.islice(it, TABLE_WIDTHS_FROM))
+    widths = [max([len(h)] + [len(r[i]) for r in first]) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), file=out)
     print("  ".join("-" * w for w in widths), file=out)
-    for row in rows:
+    for row in itertools.chain(first, it):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
 
 
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+def print_json_stream(items: Iterable[Any]) -> None:
+    """A JSON array written an item at a time, so that a long listing never sits in memory whole."""
+    out = sys.stdout
+    out.write("[")
+    for i, item in enumerate(items):
+        out.write(",\n  " if i else "\n  ")
+        out.write(json.dumps(item, default=str))
+    out.write("\n]\n")
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -9,7 +9,7 @@ import sys
 from kvstore.cli.common import EXIT_FAILED, add_store_arguments, print_table, url_and_config
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("conformance", help="check that a store behaves as kvstore expects (writes under a random prefix, then removes it)")
     add_store_arguments(p)
     p.add_argument("-k", "--case", metavar="ID", action="append", default=[], help="run only this case (repeatable)")
@@ -22,7 +22,7 @@ def register(sub) -> None:
 
 def cmd_conformance(args: argparse.Namespace) -> int:
     from kvstore.testing.conformance import ConformanceRun, iter_cases, run_cases
-    from kvstore.testing.conformance.runner import FAIL, failed, to_json, to_junit
+    from kvstore.testing.conformance.runner import FAIL, CaseResult, failed, to_json, to_junit
 
     cases = list(iter_cases(args.case))
     if args.list:
@@ -33,7 +33,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     target = factory.config.url
     quiet = args.json == "-"
 
-    def progress(result) -> None:  # the 64 MiB case can take a while on a slow link: show life
+    def progress(result: CaseResult) -> None:  # the 64 MiB case can take a while on a slow link: show life
         print(f"  {result.case:<22} {result.outcome}", file=sys.stderr, flush=True)
 
     results = run_cases(cases, factory, progress=progress if sys.stderr.isatty() and not quiet else None)

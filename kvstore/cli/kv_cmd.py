@@ -1,4 +1,4 @@
-"""``kvstore dump`` and ``kvstore kv ls | stat | verify | gc``: offline KV dumping from the shell.
+"""``kvstore dump`` and ``kvstore kv ls | stat | verify | gc | cp``: offline KV dumping from the shell.
 
 ``dump`` and ``kv verify`` live in ``kv_dump_cmd``; this module registers every command and runs
 the inventory ones. The store URL is a positional argument (``--url`` is an alias), and options
@@ -8,13 +8,31 @@ and positionals mix in any order.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-from kvstore.cli.common import EXIT_FAILED, add_json_argument, add_store_arguments, human_bytes, print_json, print_table
+from kvstore.cli.common import (
+    EXIT_FAILED,
+    add_json_argument,
+    add_store_arguments,
+    human_bytes,
+    print_json,
+    print_json_stream,
+    print_table,
+)
+from kvstore.cli.kv_corpus_cmd import add_corpus_arguments
+from kvstore.cli.kv_cp_cmd import add_cp_arguments, cmd_cp
 from kvstore.cli.kv_dump_cmd import add_prompt_arguments, cmd_dump, cmd_verify, open_store, progress_bar
 from kvstore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kvstore.kv.inventory import ChunkInfo
+    from kvstore.store import KVStore
 
 _SIZE_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -26,7 +44,7 @@ class IntermixedParser(argparse.ArgumentParser):
 
     _inner = False
 
-    def parse_known_args(self, args=None, namespace=None):
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> tuple[Any, list[str]]:  # type: ignore[override]
         if self._inner:
             return super().parse_known_args(args, namespace)
         self._inner = True
@@ -36,10 +54,11 @@ class IntermixedParser(argparse.ArgumentParser):
             self._inner = False
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("dump", help="write prompts' KV caches into a store as LMCache chunks")
     _add_url(p)
     add_prompt_arguments(p)
+    add_corpus_arguments(p)  # dump only: kv verify shares add_prompt_arguments but takes no corpus
     add_json_argument(p)
     p.set_defaults(handler=_with_url(cmd_dump))
 
@@ -82,6 +101,10 @@ def register(sub) -> None:
     add_json_argument(p)
     p.set_defaults(handler=_with_url(cmd_gc))
 
+    p = kv.add_parser("cp", help="copy chunks between two stores (skips identical ones, verifies checksums)")
+    add_cp_arguments(p)
+    p.set_defaults(handler=cmd_cp)
+
 
 def _add_url(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", nargs="?", help=URL_HELP)
@@ -89,7 +112,7 @@ def _add_url(p: argparse.ArgumentParser) -> None:
     add_store_arguments(p, url=False)
 
 
-def _with_url(handler, *, prefix: bool = False):
+def _with_url(handler: Callable[[argparse.Namespace], int], *, prefix: bool = False) -> Callable[[argparse.Namespace], int]:
     """Merge ``--url`` into the positional URL; with ``--url``, a lone positional is the prefix."""
     def run(args: argparse.Namespace) -> int:
         if args.url_option is not None:
@@ -106,30 +129,39 @@ def _with_url(handler, *, prefix: bool = False):
 
 
 # -- commands ----------------------------------------------------------------------------------
-def _scan(store, prefix: str, *, with_metadata: bool):
-    """Every chunk under ``prefix``; with metadata, a progress bar while the HEADs run."""
+@contextlib.contextmanager
+def _scan(store: KVStore, prefix: str, *, with_metadata: bool) -> Iterator[Iterator[ChunkInfo]]:
+    """Every chunk under ``prefix``, streamed; with metadata, a progress bar while the HEADs run."""
     from kvstore.kv import scan
 
     if not with_metadata:
-        return list(scan(store, prefix))
+        yield scan(store, prefix)
+        return
     update = progress_bar(0)
     try:
-        return list(scan(store, prefix, with_metadata=True, progress=update))
+        yield scan(store, prefix, with_metadata=True, progress=update)
     finally:
         update.bar.close()
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        chunks = _scan(store, args.prefix, with_metadata=args.long)
-    if args.json:
-        print_json([c.__dict__ for c in chunks])
-    elif args.long:
-        print_table(("status", "tokens", "index", "size", "modified", "key"),
-                    [(c.status, _dash(c.tokens), _dash(c.index), c.size, _when(c.last_modified), c.key) for c in chunks])
-    else:
-        print_table(("size", "modified", "key"), [(c.size, _when(c.last_modified), c.key) for c in chunks])
-    bad = [c for c in chunks if c.status not in (None, "ok")]
+    bad: list[ChunkInfo] = []
+
+    def noting(chunks: Iterable[ChunkInfo]) -> Iterator[ChunkInfo]:  # only the damaged chunks are kept, to be named at the end
+        for c in chunks:
+            if c.status not in (None, "ok"):
+                bad.append(c)
+            yield c
+
+    with open_store(args) as store, _scan(store, args.prefix, with_metadata=args.long) as found:
+        chunks = noting(found)
+        if args.json:
+            print_json_stream(dataclasses.asdict(c) for c in chunks)
+        elif args.long:
+            print_table(("status", "tokens", "index", "size", "modified", "key"),
+                        ((c.status, _dash(c.tokens), _dash(c.index), c.size, _when(c.last_modified), c.key) for c in chunks))
+        else:
+            print_table(("size", "modified", "key"), ((c.size, _when(c.last_modified), c.key) for c in chunks))
     for c in bad:
         print(f"{c.status}: {c.key} {c.detail}".rstrip(), file=sys.stderr)
     return EXIT_FAILED if bad else 0
@@ -140,10 +172,11 @@ def cmd_stat(args: argparse.Namespace) -> int:
 
     threshold = parse_age(args.tmp_older_than)
     with open_store(args) as store:
-        chunks = _scan(store, args.prefix, with_metadata=True)
+        with _scan(store, args.prefix, with_metadata=True) as found:
+            chunks = list(found)  # the chains need every chunk at once, as gc's plan does
         temps = stale_temp_files(store, 0.0)
     holes = _holes(_Chains(chunks))
-    models: dict[tuple, dict] = {}
+    models: dict[tuple[str, int, int, str], dict[str, Any]] = {}
     for c in chunks:
         m = models.setdefault((c.model, c.world_size, c.worker_id, c.dtype),
                               {"chunks": 0, "bytes": 0, "damaged": 0, "unreachable": 0, "unchained": 0,
@@ -198,7 +231,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     verb = "would remove" if report.dry_run else "removed"
     for c in report.removed:
         print(f"{verb} {c.key} ({report.reasons[c.key]})")
-    counts = {}
+    counts: dict[str, int] = {}
     for reason in report.reasons.values():
         counts[reason] = counts.get(reason, 0) + 1
     why = ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
@@ -235,7 +268,7 @@ def parse_age(text: str) -> float:
         raise ConfigError(f"not an age: {text!r} (e.g. 90s, 12h, 7d)") from None
 
 
-def _dash(value) -> str:
+def _dash(value: object) -> str:
     return "-" if value is None else str(value)
 
 

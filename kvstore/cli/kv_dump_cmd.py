@@ -2,7 +2,8 @@
 
 Prompts come from a safetensors file (``tokens`` and ``kv`` tensors, or ``<name>.tokens`` and
 ``<name>.kv`` pairs; ``kv`` in LMCache's ``[2, L, T, H*D]`` or MLA ``[1, L, T, D]`` layout) or
-from a local transformers model directory and text files. With ``-c`` naming an LMCache config
+from a local transformers model directory and text files, or (``--corpus``, in ``kv_corpus_cmd``)
+a whole corpus of them. With ``-c`` naming an LMCache config
 file, the settings that shape chunk keys and bytes come from it, read by LMCache's own loader.
 """
 
@@ -12,19 +13,34 @@ import argparse
 import os
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from kvstore.cli.common import EXIT_FAILED, human_bytes, load_extra_config, print_json, print_table
 from kvstore.errors import ConfigError
 
+if TYPE_CHECKING:
+    from kvstore.kv import KVLayout
+    from kvstore.store import KVStore
+
 DEFAULT_CHUNK_SIZE = 256
+
+Prompts = list[tuple[str, list[int], Any]]  # (name, token ids, KV cache or None)
+
+
+class ProgressBar(Protocol):
+    """What ``progress_bar`` returns: ``update(n, total=None)``, with the tqdm bar as ``.bar``."""
+
+    bar: Any
+
+    def __call__(self, n: int = 1, total: int | None = None) -> None: ...
 
 
 def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name as LMCache sees it (part of every chunk key)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", metavar="FILE.safetensors", help="tokens and KV tensors")
-    src.add_argument("--hf-model", metavar="DIR", help="a local transformers model directory (run on CPU)")
+    src.add_argument("--hf-model", metavar="DIR", help="a local transformers model directory (run on CPU, or with --corpus on a "
+                     "GPU when there is one)")
     p.add_argument("--text", metavar="FILE", action="append", default=[], help="a prompt for --hf-model (repeatable)")
     p.add_argument("--dtype", help="KV dtype (default: the tensors' or the model's)")
     p.add_argument("--chunk-size", type=int, help="LMCache chunk_size (default: the -c LMCache file's, else 256)")
@@ -38,13 +54,13 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
                         help="keep a short last chunk (default without an LMCache file)")
 
 
-def open_store(args: argparse.Namespace):
+def open_store(args: argparse.Namespace) -> KVStore:
     import kvstore
 
     return kvstore.open(args.url, load_extra_config(args.config, args.set))
 
 
-def progress_bar(total: int, unit: str = "chunk"):
+def progress_bar(total: int, unit: str = "chunk") -> ProgressBar:
     """A thread-safe ``update(n, total=None)`` on a tqdm bar on stderr, drawn only when stderr is a terminal."""
     from tqdm import tqdm
 
@@ -59,7 +75,7 @@ def progress_bar(total: int, unit: str = "chunk"):
             bar.update(n)
 
     update.bar = bar  # type: ignore[attr-defined]
-    return update
+    return cast(ProgressBar, update)
 
 
 def _quiet_lmcache(args: argparse.Namespace) -> None:
@@ -128,14 +144,14 @@ def key_settings(args: argparse.Namespace) -> tuple[int, bool, Any]:
 
 
 # -- prompts -----------------------------------------------------------------------------------
-def _prompts(args: argparse.Namespace, chunk_size: int, *, with_kv: bool):
+def _prompts(args: argparse.Namespace, chunk_size: int, *, with_kv: bool) -> tuple[KVLayout, Prompts]:
     """``(layout, [(name, tokens, kv or None)])`` from --input or --hf-model."""
     if args.input:
         return _prompts_from_file(args, chunk_size)
     return _prompts_from_model(args, chunk_size, with_kv)
 
 
-def _prompts_from_file(args: argparse.Namespace, chunk_size: int):
+def _prompts_from_file(args: argparse.Namespace, chunk_size: int) -> tuple[KVLayout, Prompts]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -146,9 +162,10 @@ def _prompts_from_file(args: argparse.Namespace, chunk_size: int):
     except (OSError, SafetensorError) as exc:
         raise ConfigError(f"cannot read {args.input}: {exc}") from exc
     names = sorted({k[: -len(".tokens")] for k in tensors if k.endswith(".tokens")})
-    pairs = [("", tensors.get("tokens"), tensors.get("kv"))] if "tokens" in tensors else \
+    found = [("", tensors["tokens"], tensors.get("kv"))] if "tokens" in tensors else \
         [(n, tensors[n + ".tokens"], tensors.get(n + ".kv")) for n in names]
-    if not pairs or any(kv is None for _, _, kv in pairs):
+    pairs = [(n, t, kv) for n, t, kv in found if kv is not None]
+    if not pairs or len(pairs) != len(found):
         raise ConfigError(f"{args.input} must hold 'tokens' and 'kv' tensors, or '<name>.tokens' and '<name>.kv' pairs")
     kv = pairs[0][2]
     if kv.ndim != 4 or kv.shape[0] not in (1, 2):
@@ -161,47 +178,20 @@ def _prompts_from_file(args: argparse.Namespace, chunk_size: int):
     return layout, [(name, t.reshape(-1).tolist(), kv) for name, t, kv in pairs]
 
 
-def _prompts_from_model(args: argparse.Namespace, chunk_size: int, with_kv: bool):
-    from transformers import AutoConfig
-
-    from kvstore.kv import KVLayout
+def _prompts_from_model(args: argparse.Namespace, chunk_size: int, with_kv: bool) -> tuple[KVLayout, Prompts]:
+    from kvstore.kv.corpus_model import HFModel
 
     if not args.text:
         raise ConfigError("--hf-model needs at least one --text FILE")
-    config = AutoConfig.from_pretrained(args.hf_model, local_files_only=True)
-    layout = KVLayout.from_hf_config(config, dtype=args.dtype or getattr(config, "torch_dtype", None) or "float32",
-                                     chunk_size=chunk_size)
-    encode = _tokenizer(args.hf_model)
-    texts = []
+    model = HFModel(args.hf_model, dtype=args.dtype, chunk_size=chunk_size, device="cpu")
+    texts: list[tuple[str, list[int]]] = []
     for path in args.text:
         with open(path, encoding="utf-8") as f:
-            texts.append((path, encode(f.read())))
-    if not with_kv:
-        return layout, [(name, ids, None) for name, ids in texts]
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(args.hf_model, local_files_only=True, dtype=layout.torch_dtype).eval()
-    prompts = []
-    for name, ids in texts:
-        with torch.no_grad():
-            prompts.append((name, ids, model(torch.tensor([ids]), use_cache=True).past_key_values))
-    return layout, prompts
+            texts.append((path, model.encode(f.read())))
+    return model.layout, [(name, ids, model.prefill([ids])[0] if with_kv else None) for name, ids in texts]
 
 
-def _tokenizer(model_dir: str):
-    """The model's own tokenizer; without one, a prompt's UTF-8 bytes are its token ids."""
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        return lambda text: tokenizer(text)["input_ids"]
-    except (OSError, ValueError, TypeError):
-        print(f"kvstore: no tokenizer in {model_dir}: using the text's UTF-8 bytes as token ids", file=sys.stderr)
-        return lambda text: list(text.encode("utf-8"))
-
-
-def _key_args(args: argparse.Namespace, save_unfull_chunk: bool, engine_config: Any) -> dict:
+def _key_args(args: argparse.Namespace, save_unfull_chunk: bool, engine_config: Any) -> dict[str, Any]:
     return {"model": args.model, "world_size": args.world_size, "worker_id": args.worker_id,
             "save_unfull_chunk": save_unfull_chunk, "engine_config": engine_config}
 
@@ -209,12 +199,16 @@ def _key_args(args: argparse.Namespace, save_unfull_chunk: bool, engine_config: 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_dump(args: argparse.Namespace) -> int:
     _quiet_lmcache(args)
+    if args.corpus:
+        from kvstore.cli.kv_corpus_cmd import cmd_dump_corpus
+
+        return cmd_dump_corpus(args)
     from kvstore.kv import dump, hash_seed
 
     chunk, unfull, engine_config = key_settings(args)
     layout, prompts = _prompts(args, chunk, with_kv=True)
     update = progress_bar(sum(-(-len(t) // chunk) for _, t, _ in prompts))
-    rows = []
+    rows: list[dict[str, Any]] = []
     with open_store(args) as store:
         try:
             for name, tokens, kv in prompts:

@@ -8,7 +8,7 @@ import sys
 from kvstore.cli.common import add_store_arguments, load_extra_config
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "lmcache-config",
         help="print a ready LMCache config for a store",

@@ -7,6 +7,8 @@ import importlib
 import logging
 import re
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import kvstore
 from kvstore.cli.common import EXIT_OK, EXIT_USAGE, exit_code_for, url_and_config
@@ -27,13 +29,13 @@ TLS_HINT = "the endpoint may not speak TLS: use http:// or disable_tls"
 class _CommandParser(argparse.ArgumentParser):
     """A command's parser: options and positionals in any order, and ``-v`` after the command too."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("conflict_handler", "resolve")  # a command may define its own -v
         super().__init__(*args, **kwargs)
         self.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         self._intermixing = False
 
-    def parse_known_args(self, args=None, namespace=None):
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> tuple[Any, list[str]]:  # type: ignore[override]
         if self._intermixing:  # the intermixed parse calls back in for each of its two passes
             return super().parse_known_args(args, namespace)
         self._intermixing = True
@@ -73,7 +75,9 @@ def configure_logging(verbose: int, levels: list[str]) -> None:
 
 def tls_hint(args: argparse.Namespace, exc: BaseException) -> str:
     """The hint for a TLS failure against what is likely a plain-HTTP server ("" when it does not apply)."""
-    text, seen, link = [], set(), exc
+    text: list[str] = []
+    seen: set[int] = set()
+    link: BaseException | None = exc
     while link is not None and id(link) not in seen:
         seen.add(id(link))
         text.append(f"{type(link).__name__} {link}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from kvstore.cli.common import (
     EXIT_FAILED,
@@ -12,13 +13,14 @@ from kvstore.cli.common import (
     human_bytes,
     open_store,
     print_json,
+    print_json_stream,
     print_table,
     url_and_config,
 )
 from kvstore.errors import ConfigError
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("resolve", help="show the configuration a URL and extra_config resolve to")
     p.add_argument("url", nargs="?", help="store URL (s3://..., file:///..., memory://...)")
     add_store_arguments(p, url=False)
@@ -77,7 +79,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def _list_backends(as_json: bool) -> int:
     from kvstore import plugins
 
-    rows = [{"backend": b.name, "distribution": b.origin or b.distribution, "serves": list(b.serves),
+    rows: list[dict[str, Any]] = [{"backend": b.name, "distribution": b.origin or b.distribution, "serves": list(b.serves),
              "priority": b.priority, "proxy": b.proxy, "keys": [k.name for k in b.keys], "status": "ok"}
             for b in plugins.by_priority()]
     rows += [{"backend": name, "distribution": "", "serves": [], "priority": None, "proxy": None, "keys": [],
@@ -134,14 +136,14 @@ def cmd_stat(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with open_store(args) as store:
-        infos = list(store.scan(args.prefix))
-    if args.json:
-        print_json([{"key": i.key, "size": i.size, "last_modified": i.last_modified} for i in infos])
-    elif args.long:
-        print_table(("size", "key"), [(i.size, i.key) for i in infos])
-    else:
-        for info in infos:
-            print(info.key)
+        infos = store.scan(args.prefix)
+        if args.json:
+            print_json_stream({"key": i.key, "size": i.size, "last_modified": i.last_modified} for i in infos)
+        elif args.long:
+            print_table(("size", "key"), ((i.size, i.key) for i in infos))
+        else:
+            for info in infos:
+                print(info.key)
     return 0
 
 

@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from kvstore.config.keys import redact_url
 from kvstore.errors import ConfigError
@@ -130,7 +130,7 @@ def _split_path(path: str) -> tuple[str, str]:
     return parts[0], "/".join(parts[1:])
 
 
-def _authority(parts, url: str) -> tuple[str, int | None]:
+def _authority(parts: SplitResult, url: str) -> tuple[str, int | None]:
     # userinfo would carry secrets inside a URL that ends up in logs: refuse it outright, before
     # anything else can quote it. An "@" in the bucket part means a password with an unencoded "/".
     if "@" in parts.netloc or (":" in parts.netloc and "@" in parts.path.lstrip("/").split("/", 1)[0]):
@@ -289,7 +289,8 @@ RULES: tuple[tuple[str, Callable[[str], bool], Callable[[str], Detected]], ...] 
 def detect(url: str) -> Detected:
     """Apply the first matching rule of ``RULES`` to ``url``."""
     if not isinstance(url, str) or not url.strip():
-        raise ConfigError(f"a store URL is required, got {url!r}" if isinstance(url, str) or url is None
+        given: object = url  # untyped callers may pass anything
+        raise ConfigError(f"a store URL is required, got {url!r}" if isinstance(given, str) or given is None
                           else f"a store URL must be a string, got {type(url).__name__}")
     url = url.strip()
     try:

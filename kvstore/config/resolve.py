@@ -18,6 +18,7 @@ from kvstore.config.profiles import (
     AZ_REGIONS,
     Detected,
     MiB,
+    Profile,
     detect,
     detect_endpoint_host,
     express_zone,
@@ -216,7 +217,7 @@ class _Builder:
             self.sources[name] = source
 
 
-def _parse_extra(extra_config: Mapping | None) -> tuple[dict[str, Any], tuple[str, ...]]:
+def _parse_extra(extra_config: Mapping[str, Any] | None) -> tuple[dict[str, Any], tuple[str, ...]]:
     if extra_config is None:
         return {}, ()
     if not isinstance(extra_config, Mapping):
@@ -261,7 +262,7 @@ def _url_from(url: str | None, extra: dict[str, Any]) -> tuple[Detected, str]:
     return first, first_src
 
 
-def resolve(url: str | None, extra_config: Mapping | None = None, *, env: Mapping[str, str] | None = None) -> StoreConfig:
+def resolve(url: str | None, extra_config: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None) -> StoreConfig:
     """Turn an LMCache-style URL plus extra_config into a validated, frozen ``StoreConfig``."""
     env = os.environ if env is None else env
     extra, ignored = _parse_extra(extra_config)
@@ -370,7 +371,7 @@ def _apply_endpoint_url(b: _Builder, endpoint_url: str, source: str, detected: D
     b.values["endpoint"] = parts.netloc.lower()
     b.sources["endpoint"] = source
     b.set("tls", parts.scheme == "https", source, conflict_with_url=False)
-    host = parts.hostname.lower()
+    host = (parts.hostname or "").lower()  # never empty: parse_endpoint_url requires a host
     if b.sources["profile"].startswith("extra_config"):
         return
     if host.endswith(("cwlota.com", "cwobject.com")):
@@ -383,7 +384,7 @@ def _apply_endpoint_url(b: _Builder, endpoint_url: str, source: str, detected: D
     b.sources["profile"] = source
 
 
-def _apply_profile_defaults(b: _Builder, profile) -> None:
+def _apply_profile_defaults(b: _Builder, profile: Profile) -> None:
     from kvstore import plugins
 
     src = f"profile:{profile.name}"
@@ -469,7 +470,7 @@ def _credentials(extra: dict[str, Any], env: Mapping[str, str], is_s3: bool) -> 
     return Credentials("default-chain"), "default"
 
 
-def _validate(values: dict[str, Any], profile) -> None:
+def _validate(values: dict[str, Any], profile: Profile) -> None:
     from kvstore import plugins
 
     backend = values["backend"]

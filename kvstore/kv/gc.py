@@ -43,21 +43,26 @@ class GCReport:
 
 
 class _Chains:
-    """Parent and child links among the chunks of a store, by family and hash."""
+    """Parent links among the chunks of a store, by family and hash, and how many children each has.
+
+    It holds every chunk of the store at once (a chain can only be judged whole), so it keeps
+    little per chunk: a parent name and a child count, no per-chunk containers.
+    """
 
     def __init__(self, chunks: list[ChunkInfo]) -> None:
         self.chunks = {c.key: c for c in chunks}
         by_hash = {(c.family, c.chunk_hash): c.key for c in chunks}
         self.parent: dict[str, str | None] = {}
         self.missing_parent: set[str] = set()
-        self.children: dict[str, set[str]] = {c.key: set() for c in chunks}
+        self.children: dict[str, list[str]] = {}  # only chunks that have any
         for c in chunks:
             p = by_hash.get((c.family, c.prev)) if c.prev is not None else None
             self.parent[c.key] = p
             if c.prev is not None and p is None:
                 self.missing_parent.add(c.key)
             elif p is not None:
-                self.children[p].add(c.key)
+                self.children.setdefault(p, []).append(c.key)
+        del by_hash
         self._depth: dict[str, int] = {}
 
     def depth(self, key: str) -> int:
@@ -109,7 +114,8 @@ def plan(chunks: list[ChunkInfo], *, older_than: float | None = None, max_bytes:
     now = time.time() if now is None else now
     chains = _Chains(chunks)
     doomed = _holes(chains)
-    live_children = {k: {ch for ch in kids if ch not in doomed} for k, kids in chains.children.items()}
+    # Kept children per chunk, as a count: each chunk is removed at most once, so a count is enough.
+    live_children = {k: n for k, kids in chains.children.items() if (n := sum(ch not in doomed for ch in kids))}
 
     def remove(key: str, reason: str) -> str | None:
         """Mark ``key`` removed; the parent it leaves without kept children, if any."""
@@ -117,7 +123,7 @@ def plan(chunks: list[ChunkInfo], *, older_than: float | None = None, max_bytes:
         p = chains.parent[key]
         if p is None or p in doomed:
             return None
-        live_children[p].discard(key)
+        live_children[p] -= 1
         return p if not live_children[p] else None
 
     def expired(key: str) -> bool:
@@ -125,7 +131,7 @@ def plan(chunks: list[ChunkInfo], *, older_than: float | None = None, max_bytes:
         return older_than is not None and c.last_modified is not None and now - c.last_modified > older_than
 
     if older_than is not None:
-        stack = [k for k in chains.chunks if k not in doomed and not live_children[k] and expired(k)]
+        stack = [k for k in chains.chunks if k not in doomed and not live_children.get(k) and expired(k)]
         while stack:
             parent = remove(stack.pop(), "expired")
             if parent is not None and expired(parent):
@@ -134,13 +140,13 @@ def plan(chunks: list[ChunkInfo], *, older_than: float | None = None, max_bytes:
     if max_bytes is not None:
         total = sum(c.size for k, c in chains.chunks.items() if k not in doomed)
 
-        def rank(key: str) -> tuple:
+        def rank(key: str) -> tuple[int, int, float, str]:
             c = chains.chunks[key]
             if c.chained:
                 return 0, -chains.depth(key), c.last_modified or 0.0, key
             return 1, 0, -(c.last_modified or 0.0), key
 
-        heap = [rank(k) for k in chains.chunks if k not in doomed and not live_children[k]]
+        heap = [rank(k) for k in chains.chunks if k not in doomed and not live_children.get(k)]
         heapq.heapify(heap)
         while heap and total > max_bytes:
             key = heapq.heappop(heap)[-1]
@@ -151,7 +157,7 @@ def plan(chunks: list[ChunkInfo], *, older_than: float | None = None, max_bytes:
     return doomed
 
 
-def _file_backend(store: Any):
+def _file_backend(store: Any) -> Any:
     """The bare backend when it can find interrupted writes' temp files (the file store), else None."""
     backend = store.backend
     unwrap = getattr(backend, "unwrap", None)
@@ -178,7 +184,7 @@ def gc(
     removed = sorted((c for c in chunks if c.key in doomed), key=lambda c: (c.last_modified or 0.0, c.key))
     kept = [c for c in chunks if c.key not in doomed]
     if removed and not dry_run:
-        store.delete_many([c.key for c in removed])
+        store.discard_many([c.key for c in removed])  # the listing just saw them: no HEADs to ask again
     temp_files = temp_bytes = 0
     if tmp_older_than is not None and not prefix:
         backend = _file_backend(store)

@@ -7,16 +7,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvstore.errors import IntegrityError
-from kvstore.kv.concurrency import parallel_map
+from kvstore.kv.concurrency import parallel_map, windows
 from kvstore.lmcache.naming import META_CHUNK_INDEX, META_DTYPES, META_PREV, META_SHAPES, META_TOKENS
 
 # Item sizes of the dtypes ``lmcache-dtypes`` names (torch spelling), to check a chunk's size without torch.
 _ITEM_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "uint8": 1, "int8": 1,
                "float8_e4m3fn": 1, "float8_e5m2": 1}
-Progress = Callable[[int, int], None]  # (how many more chunks were looked at, how many there are)
+Progress = Callable[[int, "int | None"], None]  # (how many more chunks were looked at, how many there are if known)
+# Chunks listed and looked at (HEADs in flight over) before the next are listed.
+WINDOW = 1000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChunkInfo:
     """A stored chunk, its name parsed as LMCache's ``model@world_size@worker_id@hash@dtype[@tags]``.
 
@@ -43,7 +45,7 @@ class ChunkInfo:
     tags: str = ""
 
     @property
-    def family(self) -> tuple:
+    def family(self) -> tuple[str, int, int, str, str]:
         """Chunks of one chain share all of their key but the hash."""
         return self.model, self.world_size, self.worker_id, self.dtype, self.tags
 
@@ -94,24 +96,28 @@ def _int(text: str | None) -> int | None:
 
 
 def scan(store: Any, prefix: str = "", *, with_metadata: bool = False, progress: Progress | None = None) -> Iterator[ChunkInfo]:
-    """Every object under ``prefix`` whose name is an LMCache chunk name, sorted by name.
+    """Every object under ``prefix`` whose name is an LMCache chunk name, in the store's listing order.
 
     Listings carry no object metadata; ``with_metadata`` reads it (one HEAD per chunk) to fill
     in ``tokens``, ``status``, ``index`` and ``prev``. A chunk the store reports damaged is listed
-    with status ``corrupt``, never raised.
+    with status ``corrupt``, never raised. It streams: a window of ``WINDOW`` chunks is listed and
+    looked at before the next, so memory does not grow with the store. ``progress(n, None)``
+    follows the HEADs (the total is not known before the listing ends).
     """
-    infos = [(info, parsed) for info in store.scan(prefix) if (parsed := _parts(info.key)) is not None]
-    if progress and with_metadata:
-        progress(0, len(infos))
+    chunks = ((info, parsed) for info in store.scan(prefix) if (parsed := _parts(info.key)) is not None)
+    for window in windows(chunks, WINDOW):
+        yield from _chunk_infos(store, window, with_metadata, progress)
 
-    def look(item):
+
+def _chunk_infos(store: Any, infos: list[tuple[Any, tuple[str, int, int, str, str, str]]], with_metadata: bool, progress: Progress | None) -> Iterator[ChunkInfo]:
+    def look(item: tuple[Any, Any]) -> Any:
         try:
             return store.stat(item[0].key)
         except IntegrityError as exc:
             return exc
         finally:
             if progress:
-                progress(1, len(infos))
+                progress(1, None)
 
     metas = parallel_map(store, look, infos) if with_metadata else [None] * len(infos)
     for (info, (model, world, worker, chunk_hash, dtype, tags)), full in zip(infos, metas):

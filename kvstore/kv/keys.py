@@ -14,7 +14,7 @@ import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from kvstore.errors import BackendUnavailable
 from kvstore.kv.layout import KVLayout
@@ -48,7 +48,7 @@ def hash_seed() -> str | None:
     return os.environ.get("PYTHONHASHSEED")
 
 
-def _lmcache():
+def _lmcache() -> tuple[Any, Any, Any]:
     try:
         from lmcache.v1.config import LMCacheEngineConfig
         from lmcache.v1.metadata import LMCacheMetadata
@@ -58,7 +58,7 @@ def _lmcache():
     return LMCacheEngineConfig, LMCacheMetadata, ChunkedTokenDatabase
 
 
-def lmcache_metadata(layout: KVLayout, *, model: str, world_size: int = 1, worker_id: int = 0):
+def lmcache_metadata(layout: KVLayout, *, model: str, world_size: int = 1, worker_id: int = 0) -> Any:
     """The ``LMCacheMetadata`` an engine serving ``model`` with this layout would have."""
     import torch
 
@@ -70,7 +70,7 @@ def lmcache_metadata(layout: KVLayout, *, model: str, world_size: int = 1, worke
     )
 
 
-def lmcache_config(layout: KVLayout, *, save_unfull_chunk: bool = True, engine_config: Any = None, **overrides: Any):
+def lmcache_config(layout: KVLayout, *, save_unfull_chunk: bool = True, engine_config: Any = None, **overrides: Any) -> Any:
     """An ``LMCacheEngineConfig`` with this layout's chunk size: a copy of ``engine_config`` (the
     user's own, so its hash algorithm and every other key-shaping setting apply) or the defaults."""
     LMCacheEngineConfig, _, _ = _lmcache()
@@ -96,7 +96,7 @@ def chunk_keys(
     """
     _, _, ChunkedTokenDatabase = _lmcache()
     if hasattr(tokens, "tolist"):
-        tokens = tokens.reshape(-1).tolist()
+        tokens = cast(Any, tokens).reshape(-1).tolist()  # a tensor or an array
     tokens = [int(t) for t in tokens]
     db = ChunkedTokenDatabase(lmcache_config(layout, save_unfull_chunk=save_unfull_chunk, engine_config=engine_config),
                               lmcache_metadata(layout, model=model, world_size=world_size, worker_id=worker_id))

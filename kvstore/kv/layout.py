@@ -96,7 +96,7 @@ class KVLayout:
         return self.fmt == "KV_MLA_FMT"
 
     @property
-    def torch_dtype(self):
+    def torch_dtype(self) -> Any:
         import torch
 
         return getattr(torch, _TORCH_NAMES[self.dtype])

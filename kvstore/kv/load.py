@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from kvstore.errors import IntegrityError
 from kvstore.kv.concurrency import parallel_map
@@ -14,7 +14,8 @@ from kvstore.kv.layout import KVLayout
 Progress = Callable[[int], None]  # called with how many more chunks were looked at
 
 
-def _keys(store, tokens, model, layout, world_size, worker_id, save_unfull_chunk, engine_config) -> list[ChunkKey]:
+def _keys(store: Any, tokens: Sequence[int] | Any, model: str, layout: KVLayout, world_size: int, worker_id: int,
+          save_unfull_chunk: bool, engine_config: Any) -> list[ChunkKey]:
     return chunk_keys(tokens, model=model, layout=layout, world_size=world_size, worker_id=worker_id,
                       save_unfull_chunk=save_unfull_chunk, key_layout=store.config.key_layout, engine_config=engine_config)
 
@@ -22,7 +23,7 @@ def _keys(store, tokens, model, layout, world_size, worker_id, save_unfull_chunk
 def load_chunks(
     store: Any, tokens: Sequence[int] | Any, *, model: str, layout: KVLayout, world_size: int = 1, worker_id: int = 0,
     save_unfull_chunk: bool = True, engine_config: Any = None,
-) -> list:
+) -> list[Any]:
     """The longest cached prefix as LMCache chunk tensors, in order (empty on a miss at the first chunk).
 
     Every chunk is read with ``get_into`` straight into its own slice of one preallocated
@@ -50,7 +51,7 @@ def load_chunks(
     return out
 
 
-def load(store: Any, tokens: Sequence[int] | Any, *, model: str, layout: KVLayout, **kwargs: Any):
+def load(store: Any, tokens: Sequence[int] | Any, *, model: str, layout: KVLayout, **kwargs: Any) -> Any:
     """The longest cached prefix of ``tokens`` as one ``[2, L, T, H*D]`` tensor (``[1, L, T, D]`` for MLA), or None.
 
     Chunks are stored chunk-major, so joining them along the token axis costs one copy; use
@@ -114,7 +115,7 @@ def verify(
     chunks = _keys(store, tokens, model, layout, world_size, worker_id, save_unfull_chunk, engine_config)
     tick = progress or (lambda n: None)
 
-    def look(c: ChunkKey):
+    def look(c: ChunkKey) -> Any:
         try:
             return store.stat(c.name)
         except IntegrityError as exc:
@@ -140,7 +141,7 @@ def verify(
         def check(index: int) -> ChunkCheck:
             c = checks[index]
             try:
-                store.get_into(c.name, bytearray(c.size))
+                store.get_into(c.name, bytearray(cast(int, c.size)))  # an "ok" check has its size
             except IntegrityError as exc:
                 return ChunkCheck(c.start, c.end, c.name, "corrupt", c.size, str(exc))
             finally:

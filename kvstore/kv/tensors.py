@@ -24,7 +24,7 @@ class ChunkSource:
         self.layout = layout
         self._fill = fill
 
-    def chunk(self, start: int, end: int):
+    def chunk(self, start: int, end: int) -> Any:
         import torch
 
         out = torch.empty(self.layout.chunk_shape(end - start), dtype=self.layout.torch_dtype)
@@ -46,7 +46,7 @@ def chunk_source(kv: Any, layout: KVLayout) -> ChunkSource:
     return _from_kv_layers(layers, layout)
 
 
-def _layers_of(kv: Any) -> list:
+def _layers_of(kv: Any) -> list[Any]:
     if hasattr(kv, "layers") and all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in kv.layers):
         return [(layer.keys, layer.values) for layer in kv.layers]  # transformers >= 4.56 Cache objects
     if hasattr(kv, "key_cache") and hasattr(kv, "value_cache"):
@@ -59,7 +59,7 @@ def _layers_of(kv: Any) -> list:
         raise ConfigError(f"cannot read a KV cache from a {type(kv).__name__}") from None
 
 
-def _from_lmcache_tensor(kv, layout: KVLayout) -> ChunkSource:
+def _from_lmcache_tensor(kv: Any, layout: KVLayout) -> ChunkSource:
     expected = layout.chunk_shape(kv.shape[2] if kv.ndim == 4 else 0)
     if kv.ndim != 4 or tuple(kv.shape) != expected:
         raise ConfigError(f"a KV tensor must have LMCache's shape {list(expected[:2])} + [T, {expected[3]}] "
@@ -67,7 +67,7 @@ def _from_lmcache_tensor(kv, layout: KVLayout) -> ChunkSource:
     return ChunkSource(kv.shape[2], layout, lambda out, s, e: out.copy_(kv[:, :, s:e]))
 
 
-def _as_thd(t, layout: KVLayout, what: str):
+def _as_thd(t: Any, layout: KVLayout, what: str) -> Any:
     """A ``[T, H, D]`` view of a ``[1, H, T, D]`` or ``[T, H, D]`` tensor (no copy)."""
     if t.ndim == 4 and t.shape[0] == 1:
         t = t[0].transpose(0, 1)
@@ -77,7 +77,7 @@ def _as_thd(t, layout: KVLayout, what: str):
     return t
 
 
-def _from_kv_layers(layers: list, layout: KVLayout) -> ChunkSource:
+def _from_kv_layers(layers: list[Any], layout: KVLayout) -> ChunkSource:
     views = []
     for i, pair in enumerate(layers):
         if len(pair) != 2:
@@ -87,7 +87,7 @@ def _from_kv_layers(layers: list, layout: KVLayout) -> ChunkSource:
     if any(k.shape[0] != num_tokens or v.shape[0] != num_tokens for k, v in views):
         raise ConfigError("every layer's keys and values must cover the same number of tokens")
 
-    def fill(out, start: int, end: int) -> None:
+    def fill(out: Any, start: int, end: int) -> None:
         t = end - start
         for layer, (k, v) in enumerate(views):
             out[0, layer].view(t, layout.num_kv_heads, layout.head_dim).copy_(k[start:end])
@@ -96,7 +96,7 @@ def _from_kv_layers(layers: list, layout: KVLayout) -> ChunkSource:
     return ChunkSource(num_tokens, layout, fill)
 
 
-def _from_mla_layers(layers: list, layout: KVLayout) -> ChunkSource:
+def _from_mla_layers(layers: list[Any], layout: KVLayout) -> ChunkSource:
     views = []
     for i, latent in enumerate(layers):
         while latent.ndim > 2 and latent.shape[0] == 1:
@@ -108,7 +108,7 @@ def _from_mla_layers(layers: list, layout: KVLayout) -> ChunkSource:
     if any(v.shape[0] != num_tokens for v in views):
         raise ConfigError("every layer must cover the same number of tokens")
 
-    def fill(out, start: int, end: int) -> None:
+    def fill(out: Any, start: int, end: int) -> None:
         for layer, latent in enumerate(views):
             out[0, layer].copy_(latent[start:end])
 

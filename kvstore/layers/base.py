@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 from kvstore.backends.base import Backend, ObjectInfo, OnChunk, ReadResult
+from kvstore.config import StoreConfig
 
 T = TypeVar("T")
 
@@ -13,7 +14,7 @@ T = TypeVar("T")
 class Layer(Backend):
     """Forwards each operation to ``inner`` through ``around(op, call)``; subclasses override either."""
 
-    def __init__(self, inner: Backend, config) -> None:
+    def __init__(self, inner: Backend, config: StoreConfig) -> None:
         super().__init__(config)
         self.inner = inner
         self.capabilities = inner.capabilities
@@ -27,7 +28,7 @@ class Layer(Backend):
     def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
         return self.around("get_into", lambda: self.inner.get_into(name, buffer, on_chunk))
 
-    def get(self, name: str):
+    def get(self, name: str) -> tuple[bytes | bytearray | memoryview, ReadResult] | None:
         return self.around("get", lambda: self.inner.get(name))
 
     def head(self, name: str) -> ObjectInfo | None:
@@ -39,9 +40,20 @@ class Layer(Backend):
     def delete_many(self, names: list[str]) -> list[bool]:
         return self.around("delete_many", lambda: self.inner.delete_many(names))
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        # Listing is materialised so that a retry restarts it from the beginning.
-        return iter(self.around("list", lambda: list(self.inner.list(prefix))))
+    def discard_many(self, names: list[str]) -> None:
+        return self.around("discard_many", lambda: self.inner.discard_many(names))
+
+    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[Sequence[ObjectInfo]]:
+        # Each page is one operation: timed, counted and guarded on its own, never the whole listing.
+        pages = iter(self.inner.list_pages(prefix, start_after))
+        try:
+            while True:
+                page = self.around("list", lambda: next(pages, None))
+                if page is None:
+                    return
+                yield page
+        finally:
+            close_pages(pages)
 
     def close(self) -> None:
         self.inner.close()
@@ -49,3 +61,10 @@ class Layer(Backend):
     def unwrap(self) -> Backend:
         inner = self.inner
         return inner.unwrap() if isinstance(inner, Layer) else inner
+
+
+def close_pages(pages: object) -> None:
+    """Close a listing left part-way (a generator holding a directory or a connection), now rather than at GC."""
+    close = getattr(pages, "close", None)
+    if close is not None:
+        close()

@@ -9,16 +9,21 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from kvstore.errors import StoreTimeout, StoreUnavailable
 from kvstore.layers.base import Layer
+
+if TYPE_CHECKING:
+    from kvstore.backends.base import Backend
+    from kvstore.config import StoreConfig
+    from kvstore.layers.metrics import Registry
 
 T = TypeVar("T")
 
 
 class BreakerLayer(Layer):
-    def __init__(self, inner, config, metrics) -> None:
+    def __init__(self, inner: Backend, config: StoreConfig, metrics: Registry) -> None:
         super().__init__(inner, config)
         self.metrics = metrics
         self._lock = threading.Lock()

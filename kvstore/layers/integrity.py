@@ -16,13 +16,14 @@ from kvstore.layers.base import Layer
 CRC_KEY = "kvstore-crc32c"
 
 
-def crc32c(data, previous: int = 0) -> int:
+def crc32c(data: bytes | bytearray | memoryview, previous: int = 0) -> int:
     """CRC32C of ``data``, continuing from ``previous`` (the CRC32C of the bytes before it)."""
     try:
         from awscrt import checksums
     except ImportError:
         raise BackendUnavailable("crc32c checksum", "awscrt", "pip install awscrt") from None
-    return checksums.crc32c(data, previous)
+    crc: int = checksums.crc32c(data, previous)
+    return crc
 
 
 class _RunningCrc:
@@ -62,20 +63,20 @@ class IntegrityLayer(Layer):
             self._check(name, buffer[: result.size], result, running)
         return result
 
-    def get(self, name: str):
+    def get(self, name: str) -> tuple[bytes | bytearray | memoryview, ReadResult] | None:
         found = self.inner.get(name)
         if found is not None:
             self._check(name, found[0], found[1])
         return found
 
     @staticmethod
-    def _check(name: str, data, result: ReadResult, running: _RunningCrc | None = None) -> None:
+    def _check(name: str, data: bytes | bytearray | memoryview, result: ReadResult, running: _RunningCrc | None = None) -> None:
         if len(data) != result.size:
             raise IntegrityError(f"{name!r}: read {len(data)} bytes of {result.size}")
         stored = result.metadata.get(CRC_KEY)
         if stored is None:
             return
         seen = running is not None and running.covered == result.size
-        actual = f"{running.value if seen else crc32c(data):08x}"
+        actual = f"{running.value if running is not None and seen else crc32c(data):08x}"
         if actual != stored.lower():
             raise IntegrityError(f"{name!r}: CRC32C {actual} does not match the stored {stored}")

@@ -6,9 +6,13 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from kvstore.backends.base import Backend, ReadResult
 from kvstore.layers.base import Layer
+
+if TYPE_CHECKING:
+    from kvstore.config import StoreConfig
 
 T = TypeVar("T")
 # Upper bounds of the latency buckets, seconds (Prometheus-style, cumulative on export).
@@ -50,7 +54,7 @@ class Registry:
 
 
 class MetricsLayer(Layer):
-    def __init__(self, inner, config, registry: Registry) -> None:
+    def __init__(self, inner: Backend, config: StoreConfig, registry: Registry) -> None:
         super().__init__(inner, config)
         self.registry = registry
 
@@ -75,15 +79,15 @@ class MetricsLayer(Layer):
         if op == "put":
             self.registry.count("bytes_out", op, nbytes)
         elif op == "get_into" and result is not None:
-            self.registry.count("bytes_in", op, result.size)
+            self.registry.count("bytes_in", op, cast(ReadResult, result).size)
         elif op == "get" and result is not None:
-            self.registry.count("bytes_in", op, result[1].size)
+            self.registry.count("bytes_in", op, cast("tuple[Any, ReadResult]", result)[1].size)
         elif op in ("head", "get", "get_into") and result is None:
             self.registry.count("misses", op)
         return result
 
 
-def find_metrics(backend) -> MetricsLayer | None:
+def find_metrics(backend: Backend) -> MetricsLayer | None:
     while isinstance(backend, Layer):
         if isinstance(backend, MetricsLayer):
             return backend

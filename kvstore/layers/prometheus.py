@@ -38,11 +38,11 @@ class StoreCollector(Collector):
         self.name = name
         self.namespace = namespace
 
-    def describe(self) -> list:
+    def describe(self) -> list[Any]:
         # Families depend on which operations ran; an empty description keeps registration lazy.
         return []
 
-    def collect(self) -> Iterator:
+    def collect(self) -> Iterator[Any]:
         snapshot = self.store.metrics()
         ops: dict[str, dict[str, Any]] = snapshot.get("operations", {})
         ns, store = self.namespace, self.name

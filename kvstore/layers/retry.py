@@ -5,22 +5,28 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable, Mapping
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from kvstore.backends import call as calls
+from kvstore.backends.base import ObjectInfo
 from kvstore.errors import IntegrityError, PreconditionFailed, StoreTimeout, StoreUnavailable
-from kvstore.layers.base import Layer
+from kvstore.layers.base import Layer, close_pages
+
+if TYPE_CHECKING:
+    from kvstore.backends.base import Backend
+    from kvstore.config import StoreConfig
+    from kvstore.layers.metrics import Registry
 
 T = TypeVar("T")
 BASE_DELAY_S = 0.05
 MAX_DELAY_S = 2.0
 # A put is retried too: it replaces the whole object, so repeating it is harmless.
-IDEMPOTENT = {"put", "get", "get_into", "head", "delete", "delete_many", "list"}
+IDEMPOTENT = {"put", "get", "get_into", "head", "delete", "delete_many", "discard_many", "list"}
 
 
 class RetryLayer(Layer):
-    def __init__(self, inner, config, metrics) -> None:
+    def __init__(self, inner: Backend, config: StoreConfig, metrics: Registry) -> None:
         super().__init__(inner, config)
         self.metrics = metrics
 
@@ -61,6 +67,36 @@ class RetryLayer(Layer):
                     raise
                 attempt += 1
                 self.metrics.count("retries", op)
+
+    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[Sequence[ObjectInfo]]:
+        """Pages as below, a failed page retried by listing again after the last name seen.
+
+        A generator that raised is finished, so a retry starts a new listing where the last
+        delivered page ended: one page is asked for again, never the whole listing.
+        """
+        last = start_after
+        pages: Iterator[Sequence[ObjectInfo]] | None = None
+
+        def next_page() -> Sequence[ObjectInfo] | None:
+            nonlocal pages
+            if pages is None:
+                pages = iter(self.inner.list_pages(prefix, last))
+            try:
+                return next(pages, None)
+            except BaseException:
+                pages = None
+                raise
+
+        try:
+            while True:
+                page = self.around("list", next_page)
+                if page is None:
+                    return
+                if page:
+                    last = page[-1].key
+                yield page
+        finally:
+            close_pages(pages)
 
     def put(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
         if not if_absent:

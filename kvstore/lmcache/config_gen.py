@@ -66,7 +66,8 @@ class Generated:
         import yaml
 
         note = f"# {withheld_advice(self.withheld)}\n" if self.withheld else ""
-        return note + yaml.safe_dump(self.config, sort_keys=False)
+        dumped: str = yaml.safe_dump(self.config, sort_keys=False)
+        return note + dumped
 
 
 def _public(extra: Mapping[str, Any], withheld: list[str] | None = None) -> dict[str, Any]:
@@ -115,7 +116,8 @@ def render(url: str, extra: Mapping[str, Any], mode: str = "non-mp") -> str:
         return mp_config(None, url, extra).text()
     import yaml
 
-    return withheld_note(extra) + yaml.safe_dump(non_mp_config(url, extra), sort_keys=False)
+    dumped: str = yaml.safe_dump(non_mp_config(url, extra), sort_keys=False)
+    return withheld_note(extra) + dumped
 
 
 def withheld_advice(withheld: list[str]) -> str:

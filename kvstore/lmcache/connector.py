@@ -28,7 +28,7 @@ from lmcache.v1.storage_backend.connector import ConnectorAdapter, ConnectorCont
 from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
 import kvstore
-from kvstore.errors import KVStoreError
+from kvstore.errors import BufferTooSmall, KVStoreError
 from kvstore.lmcache import chunks, naming
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def open_store_from(extra_config: Mapping[str, Any] | None) -> kvstore.KVStore:
 class KVStoreConnector(RemoteConnector):
     """LMCache ``RemoteConnector`` over a kvstore ``KVStore``."""
 
-    def __init__(self, config, metadata, local_cpu_backend, store: kvstore.KVStore | None = None) -> None:
+    def __init__(self, config: Any, metadata: Any, local_cpu_backend: Any, store: kvstore.KVStore | None = None) -> None:
         super().__init__(config, metadata)
         self.local_cpu_backend = local_cpu_backend
         self.store = store if store is not None else open_store_from(config.extra_config)
@@ -104,34 +104,43 @@ class KVStoreConnector(RemoteConnector):
 
     # -- reads -----------------------------------------------------------------------------
     async def get(self, key: CacheEngineKey) -> MemoryObj | None:
-        """The chunk in a buffer from LocalCPUBackend, or None (miss, no memory, store failure)."""
-        name = self.name_of(key)
-        try:
-            info = await self.store.astat(name)
-        except KVStoreError as exc:
-            log.warning("kvstore: cannot look up %s: %s", name, exc)
-            return None
-        if info is None:
-            return None
-        layout = chunks.layout_for(info.size, info.metadata, self.full_layout)
-        if layout is None:
-            log.warning("kvstore: %s holds %d bytes that fit no chunk layout of this model; skipped", name, info.size)
-            return None
-        memory_obj = self.local_cpu_backend.allocate(layout.shapes, layout.dtypes, layout.fmt)
+        """The chunk in a buffer from LocalCPUBackend, or None (miss, no memory, store failure).
+
+        One GET and no HEAD: the read lands in a full chunk's buffer and hands back the object's
+        size and layout metadata with it. A short (last) chunk is then copied into a buffer of
+        its own shape, a copy of a partial chunk rather than a round trip for every chunk.
+        """
+        name, full = self.name_of(key), self.full_layout
+        memory_obj = self.local_cpu_backend.allocate(full.shapes, full.dtypes, full.fmt)
         if memory_obj is None:
             return None
         try:
-            size = await self.store.aget_into(name, memory_obj.byte_array)
+            info = await self.store.aget_into(name, memory_obj.byte_array, info=True)
         except BaseException as exc:  # the buffer is ours until returned, whatever happens
             memory_obj.ref_count_down()
+            if isinstance(exc, BufferTooSmall):
+                log.warning("kvstore: %s holds %d bytes, more than a chunk of this model; skipped", name, exc.needed)
+                return None
             if not isinstance(exc, KVStoreError):
                 raise
             log.warning("kvstore: cannot read %s: %s", name, exc)
             return None
-        if size != layout.nbytes:  # gone or rewritten since the lookup
+        if info is None:
             memory_obj.ref_count_down()
             return None
-        return memory_obj
+        layout = chunks.layout_for(info.size, info.metadata, full)
+        if layout == full:
+            return memory_obj
+        try:
+            if layout is None:
+                log.warning("kvstore: %s holds %d bytes that fit no chunk layout of this model; skipped", name, info.size)
+                return None
+            short = self.local_cpu_backend.allocate(layout.shapes, layout.dtypes, layout.fmt)
+            if short is not None:
+                _bytes(short)[:] = _bytes(memory_obj)[: info.size]
+            return short
+        finally:
+            memory_obj.ref_count_down()
 
     def support_batched_get(self) -> bool:
         return True
@@ -188,7 +197,7 @@ class KVStoreConnector(RemoteConnector):
         self.shutdown()
 
 
-def _prefix_length(found: list) -> int:
+def _prefix_length(found: list[Any]) -> int:
     for i, hit in enumerate(found):
         if hit is not True:
             return i
@@ -208,3 +217,7 @@ class KVStoreConnectorAdapter(ConnectorAdapter):
         if context.config is None or context.metadata is None:
             raise KVStoreError("the kvstore connector needs LMCache's config and metadata")
         return KVStoreConnector(context.config, context.metadata, context.local_cpu_backend)
+
+
+def _bytes(memory_obj: MemoryObj) -> memoryview:
+    return memoryview(memory_obj.byte_array).cast("B")

@@ -21,24 +21,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import Counter
-from typing import Any
+from collections import Counter, OrderedDict
+from typing import Any, cast
 
 from lmcache.lmcache_native import Bitmap
-from lmcache.v1.distributed.api import ObjectKey
+from lmcache.v1.distributed.api import KeyEntry, KeyListPage, ObjectKey
 from lmcache.v1.distributed.internal_api import L2StoreResult
 from lmcache.v1.distributed.l2_adapters.base import L2AdapterInterface, L2TaskId
 from lmcache.v1.distributed.l2_adapters.config import L2AdapterConfigBase
+from lmcache.v1.distributed.l2_adapters.s3_l2_adapter import _string_to_object_key
 from lmcache.v1.memory_management import MemoryObj
 from lmcache.v1.platform import create_event_notifier
 
 import kvstore
+from kvstore.backends.base import LIST_PAGE
 from kvstore.config import StoreConfig
 from kvstore.errors import KVStoreError
 from kvstore.lmcache import chunks, config_gen, naming
 
 log = logging.getLogger(__name__)
 DELETE_TIMEOUT_S = 30.0
+SEEN_KEYS = 1 << 20  # keys found by lookups remembered, so that a lookup of them sends no HEAD
+_CURSOR = "kvstore:"  # list_l2_keys cursors: this prefix and the last object name listed
 
 
 class KVStoreL2AdapterConfig(L2AdapterConfigBase):
@@ -48,7 +52,7 @@ class KVStoreL2AdapterConfig(L2AdapterConfigBase):
         self.store_config = store_config
 
     @classmethod
-    def from_dict(cls, d: dict) -> KVStoreL2AdapterConfig:
+    def from_dict(cls, d: dict[str, Any]) -> KVStoreL2AdapterConfig:
         """Resolve ``adapter_params``; ConfigError (a ValueError, as LMCache expects) for a misplaced or wrong key."""
         config_gen.check_adapter_params(d)
         return cls(kvstore.resolve(d.get("kvstore_url"), d))
@@ -82,6 +86,7 @@ class KVStoreL2Adapter(L2AdapterInterface):
         self._lookups: dict[L2TaskId, Bitmap] = {}
         self._loads: dict[L2TaskId, Bitmap] = {}
         self._locks: Counter[ObjectKey] = Counter()
+        self._seen: OrderedDict[ObjectKey, int] = OrderedDict()  # keys found by lookups, and their sizes
         self._sizes: dict[ObjectKey, int] = {}
         self._closed = False
         self._loop = asyncio.new_event_loop()
@@ -93,13 +98,13 @@ class KVStoreL2Adapter(L2AdapterInterface):
 
     # -- event fds -------------------------------------------------------------------------
     def get_store_event_fd(self) -> int:
-        return self._store_efd.fileno()
+        return cast(int, self._store_efd.fileno())
 
     def get_lookup_and_lock_event_fd(self) -> int:
-        return self._lookup_efd.fileno()
+        return cast(int, self._lookup_efd.fileno())
 
     def get_load_event_fd(self) -> int:
-        return self._load_efd.fileno()
+        return cast(int, self._load_efd.fileno())
 
     # -- store -----------------------------------------------------------------------------
     def submit_store_task(self, keys: list[ObjectKey], objects: list[MemoryObj]) -> L2TaskId:
@@ -136,19 +141,28 @@ class KVStoreL2Adapter(L2AdapterInterface):
         return done
 
     # -- lookup and lock -------------------------------------------------------------------
-    def submit_lookup_and_lock_task(self, keys: list[ObjectKey], group_layout_descs: dict | None = None) -> L2TaskId:
+    def submit_lookup_and_lock_task(self, keys: list[ObjectKey], group_layout_descs: dict[Any, Any] | None = None) -> L2TaskId:
         task_id = self._new_task_id()
         asyncio.run_coroutine_threadsafe(self._lookup(list(keys), task_id), self._loop)
         return task_id
 
     async def _lookup(self, keys: list[ObjectKey], task_id: L2TaskId) -> None:
-        infos = await asyncio.gather(*(self.store.astat(self._name(k)) for k in keys), return_exceptions=True)
+        # Keys this adapter stored, or found by an earlier lookup, answer from memory as LMCache's
+        # built-in S3 adapter does; only the others cost a HEAD. A key removed behind our back
+        # then fails its load, which LMCache treats as a miss, and is forgotten.
+        with self._lock:
+            known = [self._sizes.get(k) or self._seen.get(k) for k in keys]
+        unknown = [k for k, size in zip(keys, known) if size is None]
+        looked = iter(await asyncio.gather(*(self.store.astat(self._name(k)) for k in unknown), return_exceptions=True))
         bitmap = Bitmap(len(keys))
         hits = []
         with self._lock:
-            for i, (key, info) in enumerate(zip(keys, infos)):
-                if isinstance(info, BaseException) or info is None or info.size <= 0:
-                    continue
+            for i, (key, size) in enumerate(zip(keys, known)):
+                if size is None:
+                    info = next(looked)
+                    if isinstance(info, BaseException) or info is None or info.size <= 0:
+                        continue
+                    self._remember(key, info.size)
                 bitmap.set(i)
                 self._locks[key] += 1
                 hits.append(key)
@@ -189,6 +203,9 @@ class KVStoreL2Adapter(L2AdapterInterface):
                 log.warning("kvstore L2: loading %s failed: %s", self._name(keys[i]), size)
             elif size == obj.get_size():
                 bitmap.set(i)
+                continue
+            with self._lock:
+                self._seen.pop(keys[i], None)
         with self._lock:
             self._loads[task_id] = bitmap
         self._load_efd.notify()
@@ -204,7 +221,8 @@ class KVStoreL2Adapter(L2AdapterInterface):
             deletable = [k for k in keys if not self._locks.get(k)]
         if not deletable:
             return
-        future = asyncio.run_coroutine_threadsafe(self.store.adelete_many([self._name(k) for k in deletable]), self._loop)
+        # Whether each object was there is not asked (no HEADs): the sizes come from what this adapter stored.
+        future = asyncio.run_coroutine_threadsafe(self.store.adiscard_many([self._name(k) for k in deletable]), self._loop)
         try:
             future.result(DELETE_TIMEOUT_S)
         except Exception as exc:
@@ -212,9 +230,43 @@ class KVStoreL2Adapter(L2AdapterInterface):
             return
         with self._lock:
             sizes = [self._sizes.pop(k, 0) for k in deletable]
+            for k in deletable:
+                self._seen.pop(k, None)
         self._notify_keys_deleted(deletable, sizes)
 
-    def report_status(self) -> dict:
+    def _remember(self, key: ObjectKey, size: int) -> None:
+        """Note a key found by a lookup (under the lock); the oldest is forgotten past ``SEEN_KEYS``."""
+        self._seen[key] = size
+        self._seen.move_to_end(key)
+        if len(self._seen) > SEEN_KEYS:
+            self._seen.popitem(last=False)
+
+    # -- listing ---------------------------------------------------------------------------
+    def list_l2_keys(self, model_name: str | None = None, page_size: int = 500, cursor: str | None = None) -> KeyListPage:
+        """One page of the keys stored here, as LMCache's MP object-listing endpoint asks for them.
+
+        One ListObjectsV2 request per page (at most 1000 keys); ``cursor`` is the last object
+        name of the page before, so a page resumes where that one ended. Objects that are not
+        chunks of this naming (other tools', over-long digested names) are left out.
+        """
+        if page_size <= 0:
+            raise ValueError(f"page_size must be positive (got {page_size})")
+        if cursor is not None and not cursor.startswith(_CURSOR):
+            raise ValueError(f"not a cursor of this adapter: {cursor!r}")
+        after = cursor[len(_CURSOR):] if cursor is not None else None
+        prefix = f"{model_name}@" if model_name is not None and self.layout == "flat" else ""
+        entries, last, full = [], None, False
+        for info in self.store.scan(prefix, start_after=after):
+            last = info.key
+            key = _object_key(naming.strip_layout(info.key, self.layout))
+            if key is not None and (model_name is None or key.model_name == model_name):
+                entries.append(KeyEntry(key=key.to_encoded_object_key(), size_bytes=info.size))
+            if len(entries) >= min(page_size, LIST_PAGE):
+                full = True
+                break
+        return KeyListPage(entries=tuple(entries), next_page_token=_CURSOR + last if full and last else None)
+
+    def report_status(self) -> dict[str, Any]:
         usage = self.get_usage()
         return {
             "is_healthy": self._thread.is_alive() and not self._closed,
@@ -243,3 +295,11 @@ class KVStoreL2Adapter(L2AdapterInterface):
         self._thread.join(timeout=5)
         for efd in (self._store_efd, self._lookup_efd, self._load_efd):
             efd.close()
+
+
+def _object_key(name: str) -> ObjectKey | None:
+    """The ``ObjectKey`` an object name spells, by LMCache's own parser; None for any other object."""
+    try:
+        return _string_to_object_key(name)
+    except (ValueError, TypeError):
+        return None

@@ -15,6 +15,7 @@ Pure string work: nothing here imports LMCache.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 LAYOUTS = ("flat", "hashed")
 # Object metadata written with every chunk (x-amz-meta-* on S3), read back to size short chunks.
@@ -67,7 +68,7 @@ def object_key_string(model_name: str, kv_rank: int, object_group_id: int, chunk
     return f"{base}@{cache_salt}" if cache_salt else base
 
 
-def mp_object_name(key, layout: str = "flat") -> str:
+def mp_object_name(key: Any, layout: str = "flat") -> str:
     """Object name of an MP-mode ``ObjectKey``."""
     return apply_layout(
         object_key_string(key.model_name, key.kv_rank, key.object_group_id, key.chunk_hash, key.cache_salt), layout

@@ -16,12 +16,13 @@ Pinning is local: a pinned key is not removed unless ``remove(force=True)``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 from lmcache.utils import CacheEngineKey
 from lmcache.v1.memory_management import MemoryObj
@@ -33,12 +34,14 @@ log = logging.getLogger(__name__)
 # A cancelled read ends at its next write to the buffer or its next piece; this bounds the wait.
 CANCEL_SETTLE_S = 5.0
 _TIMED_OUT = object()
+T = TypeVar("T")
 
 
 class KVStoreStoragePlugin(StoragePluginInterface):
     """LMCache storage backend that keeps every chunk in a kvstore store."""
 
-    def __init__(self, config=None, dst_device: str = "cpu", metadata=None, local_cpu_backend=None, loop=None) -> None:
+    def __init__(self, config: Any = None, dst_device: str = "cpu", metadata: Any = None, local_cpu_backend: Any = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(dst_device=dst_device, config=config, metadata=metadata, local_cpu_backend=local_cpu_backend, loop=loop)
         if config is None or metadata is None or local_cpu_backend is None or loop is None:
             raise ValueError("KVStoreStoragePlugin needs config, metadata, local_cpu_backend and loop (max_local_cpu_size > 0)")
@@ -51,7 +54,7 @@ class KVStoreStoragePlugin(StoragePluginInterface):
     def __str__(self) -> str:
         return self.__class__.__name__
 
-    def _run(self, coro) -> Future:
+    def _run(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     # -- presence and pins -----------------------------------------------------------------
@@ -120,7 +123,7 @@ class KVStoreStoragePlugin(StoragePluginInterface):
         objs: list[MemoryObj],
         transfer_spec: Any = None,
         on_complete_callback: Callable[[CacheEngineKey], None] | None = None,
-    ) -> list[Future]:
+    ) -> list[Future[None]]:
         """Start one write per chunk; each holds its own reference until the write ends."""
         self.connector.remember_chain(keys)  # before any is skipped: consecutive keys are predecessors
         futures = []
@@ -131,11 +134,12 @@ class KVStoreStoragePlugin(StoragePluginInterface):
                 self._put_tasks.add(key)
             obj.ref_count_up()
             future = self._run(self.connector.put(key, obj))
-            future.add_done_callback(lambda f, k=key, o=obj: self._put_done(f, k, o, on_complete_callback))
+            future.add_done_callback(functools.partial(self._put_done, key=key, obj=obj, callback=on_complete_callback))
             futures.append(future)
         return futures
 
-    def _put_done(self, future: Future, key: CacheEngineKey, obj: MemoryObj, callback) -> None:
+    def _put_done(self, future: Future[None], key: CacheEngineKey, obj: MemoryObj,
+                  callback: Callable[[CacheEngineKey], None] | None) -> None:
         obj.ref_count_down()
         with self._lock:
             self._put_tasks.discard(key)
@@ -153,14 +157,14 @@ class KVStoreStoragePlugin(StoragePluginInterface):
         found = self._blocking(self.connector.get(key), key.to_string())
         return found if found is not _TIMED_OUT else None
 
-    def get_non_blocking(self, key: CacheEngineKey, location: str | None = None) -> Future:
+    def get_non_blocking(self, key: CacheEngineKey, location: str | None = None) -> Future[MemoryObj | None]:
         return self._run(self.connector.get(key))
 
     def batched_get_blocking(self, keys: list[CacheEngineKey]) -> list[MemoryObj | None]:
         found = self._blocking(self.connector.batched_get(keys), f"{len(keys)} chunks")
         return found if found is not _TIMED_OUT else [None] * len(keys)
 
-    def _blocking(self, coro, what: str) -> Any:
+    def _blocking(self, coro: Awaitable[Any], what: str) -> Any:
         """``coro``'s result within ``blocking_timeout_secs``, or ``_TIMED_OUT`` once it has really stopped.
 
         Cancelling a ``run_coroutine_threadsafe`` future only asks the loop to cancel the task;
@@ -187,9 +191,10 @@ class KVStoreStoragePlugin(StoragePluginInterface):
             return _TIMED_OUT
 
     async def batched_get_non_blocking(self, lookup_id: str, keys: list[CacheEngineKey], transfer_spec: Any = None) -> list[MemoryObj]:
-        return await self.connector.batched_get_non_blocking(lookup_id, keys)
+        found: list[MemoryObj] = await self.connector.batched_get_non_blocking(lookup_id, keys)
+        return found
 
-    def get_allocator_backend(self):
+    def get_allocator_backend(self) -> Any:
         return self.local_cpu_backend
 
     def close(self) -> None:

@@ -396,18 +396,19 @@ def _relay_body(source: _Reader, head: bytes, sink: socket.socket | None, *, met
         return True
     sent = 0
     kind = spoil.kind if spoil is not None else None
+    after_bytes, seconds = (spoil.after_bytes, spoil.seconds) if spoil is not None else (0, 0.0)  # used only with a kind
     for piece in pieces:
-        if kind == "drop" and sent + len(piece) >= spoil.after_bytes:
+        if kind == "drop" and sent + len(piece) >= after_bytes:
             if sink is not None:
-                sink.sendall(piece[: max(0, spoil.after_bytes - sent)])
+                sink.sendall(piece[: max(0, after_bytes - sent)])
             return False
-        if kind == "hold" and sent + len(piece) >= spoil.after_bytes and proxy is not None and sink is not None:
-            sink.sendall(piece[: max(0, spoil.after_bytes - sent)])
+        if kind == "hold" and sent + len(piece) >= after_bytes and proxy is not None and sink is not None:
+            sink.sendall(piece[: max(0, after_bytes - sent)])
             proxy._wait_released()
-            piece, sent, kind = piece[max(0, spoil.after_bytes - sent):], spoil.after_bytes, None
+            piece, sent, kind = piece[max(0, after_bytes - sent):], after_bytes, None
         if kind == "trickle" and sink is not None and proxy is not None:
             for i in range(len(piece)):
-                if proxy._stopping.wait(spoil.seconds):
+                if proxy._stopping.wait(seconds):
                     return False
                 sink.sendall(piece[i:i + 1])
             sent += len(piece)
@@ -415,9 +416,9 @@ def _relay_body(source: _Reader, head: bytes, sink: socket.socket | None, *, met
         if kind in ("corrupt", "corrupt-request") and length_known:
             middle = length_known // 2
             if sent <= middle < sent + len(piece):
-                piece = bytearray(piece)
-                piece[middle - sent] ^= 0xFF
-                piece = bytes(piece)
+                spoilt = bytearray(piece)
+                spoilt[middle - sent] ^= 0xFF
+                piece = bytes(spoilt)
         if sink is not None:
             sink.sendall(piece)
         sent += len(piece)

@@ -41,8 +41,10 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from kvstore.config.profiles import express_zone, s3express_host
 from kvstore.testing.tls import ThrowawayCA
@@ -253,7 +255,7 @@ class S3ExpressGateway:
         return headers
 
 
-def _serve_tls(context: ssl.SSLContext, connection, client_address, server, handler: type) -> None:
+def _serve_tls(context: ssl.SSLContext, connection, client_address, server, handler: Callable[..., Any]) -> None:
     """Handshake on ``connection`` (in the calling thread, with a time limit) and serve HTTP over it."""
     connection.settimeout(10)
     try:

@@ -28,6 +28,7 @@ from awscrt import s3 as crt_s3
 
 from kvstore.backends import call
 from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
+from kvstore.backends.s3delete import HeadThenDelete
 from kvstore.backends.s3errors import from_status
 from kvstore.errors import BucketNotFound, StoreTimeout, StoreUnavailable
 from kvstore_crt.http import (
@@ -111,7 +112,7 @@ def default_io_threads() -> int:
     return max(4, min(usable, 16))
 
 
-class CrtBackend(Backend):
+class CrtBackend(HeadThenDelete, Backend):
     capabilities = Capabilities(conditional_put=True)
 
     def __init__(self, config) -> None:
@@ -294,7 +295,7 @@ class CrtBackend(Backend):
         sink = self._read(name, buffer, on_chunk)
         return None if sink is None else sink.result()
 
-    def get(self, name: str) -> tuple[memoryview, ReadResult] | None:
+    def get(self, name: str) -> tuple[bytes | memoryview, ReadResult] | None:
         sink = self._read(name, None)
         if sink is None:
             return None
@@ -320,19 +321,11 @@ class CrtBackend(Backend):
         return ObjectInfo(name, object_size(sink.headers) or 0, user_metadata(sink.headers),
                           http_date(header(sink.headers, "last-modified")), etag.strip('"') if etag else None)
 
-    def delete(self, name: str) -> bool:
-        # S3 answers DELETE with 204 whether or not the object existed: HEAD first to tell the caller.
-        found = self.head(name) is not None
-        existed = call.existed([name], [found])[0]
-        if found:
-            self._call(f"delete {name!r}", "DELETE", self._path(name), operation="DeleteObject")
-        return existed
-
-    def delete_many(self, names: list[str]) -> list[bool]:
-        found = self._head_all(names)
-        existed = call.existed(names, found)
-        present = [n for n, e in zip(names, found) if e]
-        for batch in iter_batches(present):
+    def _send_delete(self, names: list[str]) -> None:
+        if len(names) == 1:
+            self._call(f"delete {names[0]!r}", "DELETE", self._path(names[0]), operation="DeleteObject")
+            return
+        for batch in iter_batches(names):
             body = delete_body(batch)
             key, value = body_checksum_header(body, self.config.s3express)
             answer = self._call(
@@ -344,7 +337,9 @@ class CrtBackend(Backend):
                 name, code = next(iter(failures.items()))
                 # The call itself succeeded (HTTP 200); the per-object code decides the error.
                 raise from_status(200, code, f"delete_many: {len(failures)} objects not deleted, first {name!r}")
-        return existed
+
+    def _present(self, names: list[str]) -> list[bool]:
+        return self._head_all(names)
 
     def _head_all(self, names: list[str]) -> list[bool]:
         """Whether each object exists, with up to max_inflight HEADs in flight at once."""
@@ -364,17 +359,18 @@ class CrtBackend(Backend):
                         p.request = None
         return found
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[list[ObjectInfo]]:
         token: str | None = None
         seen: set[str] = set()
         while True:
             params: list[tuple[str, str | None]] = [("list-type", "2"), ("prefix", prefix)]
             if token:
                 params.append(("continuation-token", token))
+            elif start_after is not None:
+                params.append(("start-after", start_after))
             answer = self._call("list", "GET", self._path(None, encode_query(params)), operation="ListObjectsV2")
             entries, token = parse_list_page(bytes(answer.body), f"list {prefix!r}")
-            for name, size, modified, etag in entries:
-                yield ObjectInfo(name, size, {}, modified, etag)
+            yield [ObjectInfo(name, size, {}, modified, etag) for name, size, modified, etag in entries]
             if not token:
                 return
             if token in seen:  # a server that hands the same page out again would never end

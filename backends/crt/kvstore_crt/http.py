@@ -12,12 +12,14 @@ import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator, Sequence
 from email.utils import parsedate_to_datetime
+from typing import cast
 from urllib.parse import quote, urlsplit
 
 from kvstore.backends.base import PIECE, OnChunk, ReadResult
 from kvstore.backends.call import BufferLease
 from kvstore.backends.s3errors import error_code, from_status
-from kvstore.backends.s3xml import delete_failures, parse_list_page  # noqa: F401 - the backend's wire vocabulary
+from kvstore.backends.s3xml import delete_failures as delete_failures  # the backend's wire vocabulary, re-exported
+from kvstore.backends.s3xml import parse_list_page as parse_list_page
 from kvstore.errors import AuthError, BufferTooSmall, IntegrityError, StoreUnavailable
 
 META_PREFIX = "x-amz-meta-"
@@ -262,13 +264,14 @@ class Sink:
     def _land_in_pieces(self, chunk: bytes, offset: int) -> None:
         """Copy a part PIECE bytes at a time (each under the lease, so a revoke waits one piece at most),
         handing each piece on while it is still in cache."""
-        source = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value  # the part's own bytes, no copy
+        source = cast(int, ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value)  # the part's own bytes, no copy
+        buffer = cast(memoryview, self.buffer)  # _address is set only with a buffer
         for start in range(0, len(chunk), PIECE):
             n = min(PIECE, len(chunk) - start)
             with self._writing():
                 ctypes.memmove(self._address + offset + start, source + start, n)  # releases the GIL
                 if self.on_chunk:
-                    self.on_chunk(offset + start, self.buffer[offset + start:offset + start + n])
+                    self.on_chunk(offset + start, buffer[offset + start:offset + start + n])
 
     def abandon(self) -> None:
         with self._lock:

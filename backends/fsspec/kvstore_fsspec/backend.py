@@ -8,10 +8,11 @@ bounded by the operation's deadline); other filesystems use fsspec's blocking AP
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import fsspec
 
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, read_exactly
+from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, pages_of, read_exactly
 from kvstore.errors import (
     AuthError,
     BucketNotFound,
@@ -151,11 +152,18 @@ class FsspecBackend(Backend):
             return self._s3.delete_many(names)
         return [self.delete(name) for name in names]
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def discard_many(self, names: list[str]) -> None:
         if self._s3 is not None:
-            yield from self._s3.list(prefix)
+            self._s3.discard_many(names)
+        else:
+            self.delete_many(names)
+
+    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[list[ObjectInfo]]:
+        if self._s3 is not None:
+            yield from self._s3.list_pages(prefix, start_after)
             return
-        # find() walks a directory: start at the one holding the prefix, filter the rest here.
+        # A generic filesystem has no pages: find() walks the directory holding the prefix whole,
+        # and its answer is sorted here (S3's order), then handed out a page at a time.
         directory = prefix.rpartition("/")[0]
         start = f"{self.root}/{directory}" if directory else self.root
         try:
@@ -166,17 +174,16 @@ class FsspecBackend(Backend):
             return
         except Exception as exc:
             raise self._error(exc, f"LIST {prefix!r}") from exc
-        for path, info in found.items():
-            name = self._name(path)
-            if name.startswith(prefix) and info.get("type") == "file":
-                yield _info(name, info)
+        infos = sorted((_info(self._name(path), info) for path, info in found.items() if info.get("type") == "file"),
+                       key=lambda i: i.key)
+        yield from pages_of(infos, prefix, start_after)
 
     def close(self) -> None:
         pass  # fsspec owns its loop thread and connection pool for the process
 
 
 def _info(name: str, info: Mapping) -> ObjectInfo:
-    modified = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    modified: Any = info.get("LastModified") or info.get("mtime") or info.get("updated")
     if hasattr(modified, "timestamp"):
         modified = modified.timestamp()
     return ObjectInfo(name, int(info.get("size") or 0), {},

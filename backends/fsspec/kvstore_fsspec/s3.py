@@ -17,6 +17,7 @@ from typing import Any
 
 from kvstore.backends import call
 from kvstore.backends.base import PIECE, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
+from kvstore.backends.s3delete import HeadThenDelete
 from kvstore.backends.s3errors import from_status
 from kvstore.backends.s3probe import BucketProbe, crc32c_b64, crc32c_b64_of, run_bounded
 from kvstore.errors import (
@@ -38,7 +39,7 @@ _RESEND_CODES = {"BadDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256M
 _CONNECTION_NAMES = re.compile(r"Connect|ServerDisconnected|ClientOSError|ClientPayloadError|ResponseStreamingError")
 
 
-class S3Ops:
+class S3Ops(HeadThenDelete):
     """One bucket through s3fs's aiobotocore client; names are full object names (prefix included)."""
 
     def __init__(self, config) -> None:
@@ -192,32 +193,22 @@ class S3Ops:
             self._probe.seen()
         return info
 
-    def delete(self, name: str) -> bool:
-        # S3 answers a DELETE of a missing object with 204 too: HEAD first to tell the caller.
-        if self.head(name) is None:
-            return call.existed([name], [False])[0]
-        call.existed([name], [True])
-        self._run(f"DELETE {name!r}", lambda s3: s3.delete_object(Bucket=self.bucket, Key=name))
-        return True
-
-    def delete_many(self, names: list[str]) -> list[bool]:
-        if not names:
-            return []
-        found = self.present(names)
-        present = call.existed(names, found)
-        doomed = [n for n, there in zip(names, found) if there]
-
+    def _send_delete(self, names: list[str]) -> None:
         async def delete(s3) -> None:
-            for i in range(0, len(doomed), _DELETE_BATCH):
-                batch = [{"Key": n} for n in doomed[i:i + _DELETE_BATCH]]
+            if len(names) == 1:
+                await s3.delete_object(Bucket=self.bucket, Key=names[0])
+                return
+            for i in range(0, len(names), _DELETE_BATCH):
+                batch = [{"Key": n} for n in names[i:i + _DELETE_BATCH]]
                 out = await s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
                 if out.get("Errors"):
                     first = out["Errors"][0]
                     raise StoreUnavailable(f"DELETE {first.get('Key')!r}: {first.get('Code')}", retryable=False)
 
-        if doomed:
-            self._run(f"DELETE {len(doomed)} objects", delete)
-        return present
+        self._run(f"DELETE {names[0]!r}" if len(names) == 1 else f"DELETE {len(names)} objects", delete)
+
+    def _present(self, names: list[str]) -> list[bool]:
+        return self.present(names)
 
     def present(self, names: list[str]) -> list[bool]:
         """Whether each name exists: HEADs, many at once, in one bounded call."""
@@ -243,19 +234,34 @@ class S3Ops:
             self._confirm_bucket(names[found.index(False)])
         return found
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        async def pages(s3) -> list[ObjectInfo]:
-            out: list[ObjectInfo] = []
-            async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                for item in page.get("Contents") or ():
-                    modified = item.get("LastModified")
-                    out.append(ObjectInfo(item["Key"], int(item.get("Size") or 0), {},
-                                          modified.timestamp() if modified else None, item.get("ETag")))
-            return out
+    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[list[ObjectInfo]]:
+        token: str | None = None
+        seen: set[str] = set()
+        while True:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                args["ContinuationToken"] = token
+            elif start_after is not None:
+                args["StartAfter"] = start_after
 
-        found = self._run(f"LIST {prefix!r}", pages)
-        self._probe.seen()
-        return iter(found)
+            async def page(s3, args=args):
+                return await s3.list_objects_v2(**args)
+
+            answer = self._run(f"LIST {prefix!r}", page)
+            self._probe.seen()
+            out = []
+            for item in answer.get("Contents") or ():
+                modified = item.get("LastModified")
+                out.append(ObjectInfo(item["Key"], int(item.get("Size") or 0), {},
+                                      modified.timestamp() if modified else None, item.get("ETag")))
+            yield out
+            next_token = answer.get("NextContinuationToken") if answer.get("IsTruncated") else None
+            if not next_token:
+                return
+            if next_token in seen:  # a server that hands the same page out again would never end
+                raise StoreUnavailable(f"list {prefix!r}: the server repeated a continuation token", retryable=False)
+            seen.add(next_token)
+            token = next_token
 
 
 async def _quietly(coro) -> None:

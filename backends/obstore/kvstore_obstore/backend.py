@@ -15,16 +15,20 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import obstore
 from obstore import exceptions as obx
 from obstore.store import S3Store
 
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig
+
 from kvstore.backends import call
-from kvstore.backends.base import PIECE, Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
+from kvstore.backends.base import LIST_PAGE, PIECE, Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
+from kvstore.backends.s3delete import HeadThenDelete
 from kvstore.backends.s3errors import error_code, from_status
 from kvstore.backends.s3probe import BucketProbe, LoopThread, run_bounded
 from kvstore.errors import (
@@ -48,7 +52,7 @@ _RESEND_CODES = {"BadDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256M
 T = TypeVar("T")
 
 
-class ObstoreBackend(Backend):
+class ObstoreBackend(HeadThenDelete, Backend):
     capabilities = Capabilities(conditional_put=True)
 
     def __init__(self, config) -> None:
@@ -185,34 +189,18 @@ class ObstoreBackend(Backend):
 
         return self._fetch(name, "HEAD", read, head=True)
 
-    def delete(self, name: str) -> bool:
-        # S3 answers a DELETE of a missing object with 204 too: HEAD first to tell the caller.
-        if self.head(name) is None:
-            return call.existed([name], [False])[0]
-        call.existed([name], [True])
-        try:
-            self._run(f"DELETE {name!r}", lambda store: obstore.delete_async(store, name))
-        except BucketNotFound:
-            raise
-        except KVStoreError as exc:
-            if isinstance(exc.__cause__, FileNotFoundError):
-                return False
-            raise
-        return True
+    def _send_delete(self, names: list[str]) -> None:
+        async def delete(store: S3Store) -> _Miss | None:
+            try:
+                await obstore.delete_async(store, names[0] if len(names) == 1 else names)  # DeleteObjects, 1000 a request
+            except FileNotFoundError as exc:
+                return _Miss(exc)
+            return None
 
-    def delete_many(self, names: list[str]) -> list[bool]:
-        found = self._present(names)
-        present = call.existed(names, found)
-        doomed = [name for name, there in zip(names, found) if there]
-        if doomed:
-            async def delete(store: S3Store) -> None:
-                try:
-                    await obstore.delete_async(store, doomed)  # DeleteObjects, 1000 names a request
-                except FileNotFoundError:
-                    pass
-
-            self._run(f"DELETE {len(doomed)} objects", delete)
-        return present
+        what = f"DELETE {names[0]!r}" if len(names) == 1 else f"DELETE {len(names)} objects"
+        miss = self._run(what, delete)
+        if miss is not None:  # S3 deletes a missing object with 204: a 404 may say the bucket is gone
+            self._miss(miss, names[0], what)
 
     def _present(self, names: list[str]) -> list[bool]:
         """HEAD every name, many at once, in one bounded call."""
@@ -239,19 +227,31 @@ class ObstoreBackend(Backend):
         self._probe.seen()
         return [one is True for one in found]
 
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        # obstore lists whole "directories": ask for the one holding the prefix, filter the rest here.
-        directory = prefix.rpartition("/")[0]
+    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[list[ObjectInfo]]:
+        # obstore lists whole "directories": ask for the one holding the prefix, filter the rest
+        # here. One stream serves every page, so its continuation tokens carry the listing on in
+        # the server's own order (a new stream per page would go by offset, which obstore filters
+        # by name and which loses keys on servers that list in another order).
+        directory = prefix.rpartition("/")[0] or None
+        stream = None
+        slashed = start_after is not None and start_after.endswith("/")
 
-        async def collect(store: S3Store) -> list[ObjectInfo]:
-            out = []
-            async for batch in obstore.list(store, prefix=directory or None):
-                out.extend(_info(meta, {}) for meta in batch if meta["path"].startswith(prefix))
-            return out
+        async def page(store: S3Store) -> Sequence[Any]:
+            nonlocal stream
+            if stream is None:
+                stream = obstore.list(store, prefix=directory, offset=start_after, chunk_size=LIST_PAGE)
+            return await anext(stream, [])
 
-        found = self._run(f"LIST {prefix!r}", collect)
-        self._probe.seen()
-        yield from found
+        while True:
+            batch = self._run(f"LIST {prefix!r}", page)
+            self._probe.seen()
+            if not batch:
+                return
+            # obstore sends its offset as a path, without a trailing '/' ('a/' goes out as 'a', which
+            # 'a-x' sorts after): the names that lets in are left out here. Any other offset goes
+            # out as it is, and the server's own order decides (as start-after does for the others).
+            yield [_info(meta, {}) for meta in batch
+                   if meta["path"].startswith(prefix) and not (slashed and meta["path"] <= start_after)]
 
     def close(self) -> None:
         self._loop.close()
@@ -277,7 +277,7 @@ def _info(meta, metadata: dict[str, str]) -> ObjectInfo:
 
 
 def _make_store(config) -> S3Store:
-    options: dict = {
+    options: ClientConfig = {
         "allow_http": not config.tls,
         "timeout": timedelta(seconds=config.timeout_s),
         "connect_timeout": timedelta(seconds=config.connect_timeout_s),

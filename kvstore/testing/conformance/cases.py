@@ -143,6 +143,20 @@ def delete_twice(factory: StoreFactory) -> None:
         assert store.get("k") is None
 
 
+@case("discard")
+def discard(factory: StoreFactory) -> None:
+    """discard and discard_many remove what is there and say nothing of what was not."""
+    with factory() as store:
+        store.put_many({"a": b"1", "b": b"2", "c": b"3"})
+        assert store.discard("a") is None  # type: ignore[func-returns-value]  # the case checks it says nothing
+        store.discard("absent")
+        store.discard_many(["b", "absent", "c"])
+        assert store.exists_many(["a", "b", "c"]) == [False, False, False]
+        store.put("d", b"4")
+        asyncio.run(store.adiscard_many(["d", "absent"]))
+        assert store.get("d") is None
+
+
 # -- listing -------------------------------------------------------------------------------------
 def _needs_listing(store: KVStore) -> None:
     if not store.backend.capabilities.listing:
@@ -154,15 +168,60 @@ def list_prefixes(factory: StoreFactory) -> None:
     """list(prefix) returns exactly the keys under a prefix, sorted, '/' or not."""
     with factory() as store:
         _needs_listing(store)
-        keys = ["a/1", "a/2", "a/b/3", "ab", "b"]
-        store.put_many({k: k.encode() for k in keys})
+        keys = ["a/1", "a/2", "a/b/3", "a0", "ab", "b"]
+        store.put_many({k: k.encode() for k in reversed(keys)})
         assert list(store.list()) == keys
         assert list(store.list("a/")) == ["a/1", "a/2", "a/b/3"]
-        assert list(store.list("a")) == ["a/1", "a/2", "a/b/3", "ab"]
+        assert list(store.list("a")) == ["a/1", "a/2", "a/b/3", "a0", "ab"]
         assert list(store.list("a/b/")) == ["a/b/3"]
         assert list(store.list("zz")) == []
         sizes = {info.key: info.size for info in store.scan("a/")}
         assert sizes == {"a/1": 3, "a/2": 3, "a/b/3": 5}, f"scan sizes: {sizes}"
+
+
+@case("list-start-after")
+def list_start_after(factory: StoreFactory) -> None:
+    """list(start_after=k) leaves out every key up to k, a key or not, as S3's start-after does."""
+    with factory() as store:
+        _needs_listing(store)
+        keys = ["a/1", "a/2", "a/b/3", "a0", "ab", "b"]
+        store.put_many({k: k.encode() for k in reversed(keys)})
+        assert list(store.list(start_after="a/2")) == ["a/b/3", "a0", "ab", "b"]
+        assert list(store.list(start_after="a/")) == keys
+        assert list(store.list(start_after="a/10")) == keys[1:]
+        assert list(store.list("a/", start_after="a/1")) == ["a/2", "a/b/3"]
+        assert list(store.list(start_after="b")) == []
+
+
+# Names where a "directory" and a sibling share a stem: S3 sorts '-' and '.' before '/'.
+_ORDER_KEYS = ["a-x", "a.y", "a/1", "a/b/2", "a0"]
+
+
+@case("list-order")
+def list_order(factory: StoreFactory) -> None:
+    """Keys come in S3's order, UTF-8 bytes: 'a-x' and 'a.y' before 'a/1', 'a0' after it."""
+    with factory() as store:
+        _needs_listing(store)
+        store.put_many({k: b"" for k in reversed(_ORDER_KEYS)})
+        listed = list(store.list())
+        assert listed == _ORDER_KEYS, f"listed in the order {listed}"
+
+
+@case("list-resume")
+def list_resume(factory: StoreFactory) -> None:
+    """A listing resumed after any key it gave (start_after) gives exactly the keys that followed it.
+
+    This is how a failed page is retried, so the retry neither skips nor repeats a key, in
+    whatever order the server lists.
+    """
+    with factory() as store:
+        _needs_listing(store)
+        store.put_many({k: b"" for k in reversed(_ORDER_KEYS)})
+        listed = list(store.list())
+        assert sorted(listed) == _ORDER_KEYS, f"listed {listed}"
+        for i, key in enumerate(listed):
+            rest = list(store.list(start_after=key))
+            assert rest == listed[i + 1:], f"after {key!r}: {rest}, but the listing went on with {listed[i + 1:]}"
 
 
 @case("list-over-1000")
@@ -176,6 +235,10 @@ def list_over_1000(factory: StoreFactory) -> None:
         listed = list(store.list("many/"))
         assert len(listed) == len(keys), f"listed {len(listed)} keys of {len(keys)}"
         assert listed == keys
+        assert list(store.list("many/", start_after=keys[999])) == keys[1000:]
+        first = store.list("many/")  # a listing left after one key is closed, not drained
+        assert next(first) == keys[0]
+        first.close()
         assert store.delete_many(keys) == [True] * len(keys)
         assert list(store.list()) == ["other"]
 
@@ -342,6 +405,26 @@ def metadata(factory: StoreFactory) -> None:
         assert store.get("k") == b"data"
 
 
+@case("read-with-info")
+def read_with_info(factory: StoreFactory) -> None:
+    """get_into(info=True) and aget_into(info=True) hand back the size and the user metadata stat sees,
+    from the read itself."""
+    with factory() as store:
+        if not store.backend.capabilities.metadata:
+            raise Skip("the backend keeps no metadata")
+        meta = {"model": "llama-3-8b", "fmt-ver": "2"}
+        data = _random_bytes(3000, 5)
+        store.put("k", data, meta)
+        buffer = bytearray(4096)
+        info = store.get_into("k", buffer, info=True)
+        assert info is not None and info.key == "k" and info.size == len(data), info
+        assert bytes(buffer[: len(data)]) == data
+        assert {k: v for k, v in info.metadata.items() if k in meta} == meta, f"metadata {dict(info.metadata)}"
+        assert store.get_into("absent", buffer, info=True) is None
+        again = asyncio.run(store.aget_into("k", bytearray(4096), info=True))
+        assert again is not None and again.size == len(data) and dict(again.metadata) == dict(info.metadata)
+
+
 @case("prefix-isolation")
 def prefix_isolation(factory: StoreFactory) -> None:
     """Two stores with different prefixes never see each other's objects."""
@@ -374,7 +457,7 @@ def conditional_put(factory: StoreFactory) -> None:
 
 @case("async-roundtrip")
 def async_roundtrip(factory: StoreFactory) -> None:
-    """aput, aget, aget_into, aexists, alist and adelete work on the caller's event loop."""
+    """aput, aget, aget_into, aexists, alist, ascan and adelete work on the caller's event loop."""
 
     async def run(store: KVStore) -> None:
         data = _random_bytes(1000, 3)
@@ -386,6 +469,7 @@ def async_roundtrip(factory: StoreFactory) -> None:
         assert await store.aget("absent") is None
         if store.backend.capabilities.listing:
             assert [k async for k in store.alist("a/")] == ["a/k"]
+            assert [(i.key, i.size) async for i in store.ascan("a/")] == [("a/k", len(data))]
         assert await store.adelete("a/k") is True
 
     with factory() as store:

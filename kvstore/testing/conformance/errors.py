@@ -94,6 +94,9 @@ def _sync_reads(store: KVStore) -> list[tuple[str, Callable[[], object]]]:
         ("exists", lambda: store.exists("k")),
         ("stat", lambda: store.stat("k")),
         ("exists_many", lambda: store.exists_many(["k", "k2"])),
+        # Not reads, but S3 answers a DELETE of a missing object 204: a store that is not there must still fail.
+        ("discard", lambda: store.discard("k")),
+        ("discard_many", lambda: store.discard_many(["k", "k2"])),
     ]
     if store.backend.capabilities.listing:
         calls.append(("list", lambda: list(store.list())))

@@ -3,7 +3,7 @@
 ``scripts/install-test-servers.sh`` installs it into the project-local ``.test-servers/``
 (``npm install s3rver@3.7.1``); ``KVSTORE_S3RVER`` may name another ``s3rver.js`` (or its
 package directory).  The process supervision (process group, guard, stop by PID) is
-``kvstore.testing.servers.ManagedServer``'s.
+``kvstore.testing.servers.process.ManagedServer``'s.
 
 What s3rver does not implement is declared here as data (``LIMITS``): the conformance cases that
 depend on it skip with that reason, and tests/test_servers.py checks that each limit is still
@@ -19,17 +19,9 @@ import shutil
 import time
 from pathlib import Path
 
-from kvstore.testing.servers import (
-    LOOPBACK,
-    Limit,
-    ManagedServer,
-    S3Server,
-    ServerUnavailable,
-    _signed_probe,
-    _tcp_open,
-    _with_port_retry,
-    free_port,
-)
+from kvstore.testing.servers.endpoint import Limit, S3Server, ServerUnavailable, _signed_probe, raise_if_unavailable
+from kvstore.testing.servers.net import LOOPBACK, free_port
+from kvstore.testing.servers.process import ManagedServer, _with_port_retry
 
 __all__ = ["LIMITS", "S3RVER_VERSION", "S3rverServer", "s3rver_missing", "s3rver_script", "start_s3rver"]
 
@@ -47,11 +39,16 @@ LIMITS: tuple[Limit, ...] = (
     Limit("delete-objects-whitespace", "trims the whitespace around each key of a DeleteObjects request "
           "(fast-xml-parser's default) and reports the trimmed name deleted: a bulk delete of 'a key ' "
           "removes nothing and says it did", ("key-spaces",)),
+    Limit("list-order", "lists an object 'a/1' before 'a-x' and 'a.y' (a directory's objects first), not in "
+          "S3's byte order", ("list-order",)),
+    Limit("list-resume", "lists in its own order but filters start-after by name: a listing resumed after "
+          "'a/b/2' misses 'a-x' and 'a.y', listed after it but sorting before it. kvstore's retry of a failed "
+          "page resumes that way", ("list-resume",)),
     Limit("atomic-overwrite", "overwrites an object in place, not atomically: a read racing a put sees "
           "a truncated object (416 InvalidRange, or bytes that fail their checksum)", ("concurrent-one-key",)),
 )
 
-_ROOT = Path(__file__).resolve().parents[2]  # the checkout, for an editable install
+_ROOT = Path(__file__).resolve().parents[3]  # the checkout, for an editable install
 _INSTALL_HINT = f"bash scripts/install-test-servers.sh (npm install --prefix .test-servers s3rver@{S3RVER_VERSION})"
 
 
@@ -101,14 +98,11 @@ class S3rverServer(ManagedServer):
         # Listing continuation tokens are DES-encrypted; OpenSSL 3 (Node >= 17) has DES only in its
         # legacy provider, and without it every listing of more than one page is a 500.
         env = dict(os.environ, NODE_OPTIONS="--openssl-legacy-provider")
-        cmd = ["node", self.script, "-d", self.workdir / "data", "-a", LOOPBACK, "-p", str(self.port),
+        cmd: list[str | os.PathLike[str]] = ["node", self.script, "-d", self.workdir / "data", "-a", LOOPBACK, "-p", str(self.port),
                "--service-endpoint", "localhost"]
         self._front = self._spawn(cmd, "s3rver.log", env=env, cwd=self.workdir)
-        # The banner says s3rver itself bound the port, not another program that took it first.
-        banner = f"S3rver listening on {LOOPBACK}:{self.port}".encode()
-        log = self._log("s3rver.log")
-        self._wait("s3rver listening", lambda: banner in log.read_bytes() and _tcp_open(self.port),
-                   deadline, [self._front], 0.05)
+        self._wait_for_banner("s3rver listening", "s3rver.log", f"S3rver listening on {LOOPBACK}:{self.port}".encode(),
+                              deadline)
         # s3rver takes BUCKET.s3.<service endpoint> as virtual-hosted; BUCKET.localhost it reads
         # as a bucket named "BUCKET.localhost".
         self.server = S3Server.on_loopback("s3rver", self.port, ACCESS_KEY, SECRET_KEY, vhost_domain="s3.localhost")
@@ -117,7 +111,5 @@ class S3rverServer(ManagedServer):
 
 def start_s3rver(*, timeout: float | None = None) -> ManagedServer:
     """s3rver on a free port with its built-in keys, state in a temp dir removed on stop."""
-    reason = s3rver_missing()
-    if reason:
-        raise ServerUnavailable(reason)
+    raise_if_unavailable(s3rver_missing())
     return _with_port_retry(lambda: S3rverServer(start_timeout=timeout or START_TIMEOUT))
