@@ -12,6 +12,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("lmcache")
 pytest.importorskip("transformers")
 
+from test_corpus import ray_cluster  # noqa: E402, F401  (the local two-CPU Ray cluster on loopback)
+
 import kvstore  # noqa: E402
 from kvstore.cli.common import EXIT_FAILED, EXIT_STORE, EXIT_USAGE  # noqa: E402
 from kvstore.cli.main import main  # noqa: E402
@@ -230,3 +232,35 @@ def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, corpus, capsys):
     assert code == 0 and ("chunk/s" in stderr or "chunk [" in stderr), stderr
     assert main(["kv", "cp", str(tmp_path / "src"), str(tmp_path / "dst2")]) == 0
     assert "chunk/s" not in capsys.readouterr().err  # stderr is no terminal here
+
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_ray_copies_the_same_window_by_window_and_a_rerun_copies_nothing(tmp_path, capsys):
+    src_url, dst_url = str(tmp_path / "src"), str(tmp_path / "dst")
+    with kvstore.open(src_url) as src:
+        for i in range(60):
+            src.put(f"org_tiny-llama@1@0@{i:016x}@bfloat16", os.urandom(512 + 37 * i), {"lmcache-tokens": str(16 * i)})
+        victim = sorted(src.list())[17]
+        expected = {i.key: (src.get(i.key), user_metadata(src.stat(i.key).metadata)) for i in src.scan()}
+    damaged = next((tmp_path / "src").rglob(victim + "*"))
+    body = bytearray(damaged.read_bytes())
+    body[-1] ^= 0xFF  # one flipped payload byte, its CRC32C left as it was
+    damaged.write_bytes(bytes(body))
+    seen: list[str] = []
+    with kvstore.open(src_url) as src, kvstore.open(dst_url) as dst:
+        # windows of 8 on two actors: eight windows, at most four out at a time, merged in listing order
+        report = copy(src, dst, window=8, ray_address="", on_item=lambda key, action, size: seen.append(key))
+    assert seen == sorted(expected)
+    assert (report.copied, report.skipped, report.replaced, report.failed) == (59, 0, 0, 1)
+    assert report.failures[0].key == victim and "IntegrityError" in report.failures[0].reason
+    assert report.bytes == sum(len(b) for k, (b, _) in expected.items() if k != victim)
+    with kvstore.open(dst_url) as dst:
+        assert sorted(dst.list()) == sorted(k for k in expected if k != victim)
+        for key in dst.list():
+            there = dst.stat(key)
+            assert (dst.get(key), user_metadata(there.metadata)) == expected[key] and CRC_KEY in there.metadata
+    code, again, err = _cp(capsys, src_url, dst_url, "--ray")
+    assert code == EXIT_FAILED and (again["copied"], again["skipped"], again["replaced"], again["bytes"]) == (0, 59, 0, 0)
+    assert again["failures"][0]["key"] == victim and f"failed: {victim}: IntegrityError" in err

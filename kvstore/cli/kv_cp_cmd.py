@@ -27,6 +27,8 @@ def add_cp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default="", help="only objects whose keys start with this")
     p.add_argument("--model", help="only LMCache chunks of this model (as given to kvstore dump)")
     p.add_argument("--dry-run", action="store_true", help="list what would be copied, replaced and skipped; write nothing")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="copy on a pool of Ray actors (ADDRESS: auto, ray://host:10001; none: ray.init()'s default)")
     add_json_argument(p)
 
 
@@ -64,7 +66,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
     with _open(args, "src") as src, _open(args, "dst") as dst:
         try:
             report = copy(src, dst, prefix=args.prefix, model=args.model, dry_run=args.dry_run, on_item=on_item,
-                          progress=progress)
+                          progress=progress, ray_address=args.ray)
         finally:
             update.bar.close()
     if args.json:

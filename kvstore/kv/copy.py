@@ -16,7 +16,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,8 @@ _DAMAGED = ObjectInfo("", -1)  # a destination object that cannot be read back: 
 
 OnItem = Callable[[str, str, int], None]  # (key, action, bytes), in listing order, after each window
 Progress = Callable[[int, int], None]  # (objects looked at, bytes written) since the last call
+Outcome = tuple[str, int, str]  # (action, bytes written, reason of a failure) of one object
+RAY_WINDOW = 1000  # listed objects per Ray task: few enough tasks, small enough messages
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ def _destination_info(dst: Any, key: str) -> ObjectInfo | None:
         return _DAMAGED
 
 
-def _copy_one(src: Any, dst: Any, listed: ObjectInfo, buffers: _Buffers, dry_run: bool) -> tuple[str, int, str]:
+def _copy_one(src: Any, dst: Any, listed: ObjectInfo, buffers: _Buffers, dry_run: bool) -> Outcome:
     """(action, bytes written, reason of a failure) for one listed object."""
     info = listed
     if not info.metadata:  # S3 and file listings carry no metadata: one HEAD
@@ -211,7 +213,7 @@ def _listing(src: Any, prefix: str, model: str | None) -> Generator[ObjectInfo, 
 
 def copy(
     src: Any, dst: Any, *, prefix: str = "", model: str | None = None, dry_run: bool = False, window: int | None = None,
-    on_item: OnItem | None = None, progress: Progress | None = None,
+    on_item: OnItem | None = None, progress: Progress | None = None, ray_address: str | None = None,
 ) -> CopyReport:
     """Copy every object under ``prefix`` (only ``model``'s chunks, when given) from ``src`` to ``dst``.
 
@@ -219,29 +221,43 @@ def copy(
     object's user metadata over, and verifies each read against its stored CRC32C. A failure of
     one object (damaged, unreadable, refused) is recorded and the copy goes on; a store-wide one
     (missing bucket, bad credentials) is raised. ``window`` (default: four times the smaller
-    ``max_inflight``) bounds how many listed objects are in hand at once. ``dry_run`` reads
-    metadata only and writes nothing.
+    ``max_inflight``; 1000 on Ray) bounds how many listed objects are in hand at once. ``dry_run``
+    reads metadata only and writes nothing. ``ray_address`` (``""``: ``ray.init()``'s default)
+    copies the windows on a pool of Ray actors that open both stores from their configurations
+    (``kvstore.kv.copy_ray``); the listing stays on this process.
     """
     check_distinct(src.config, dst.config)
     narrow = src if src.config.max_inflight <= dst.config.max_inflight else dst
-    size = window or 4 * narrow.config.max_inflight
-    buffers, totals = _Buffers(), _Totals()
+    size = window or (RAY_WINDOW if ray_address is not None else 4 * narrow.config.max_inflight)
+    totals = _Totals()
     started = time.perf_counter()
     with contextlib.closing(_listing(src, prefix, model)) as listing:
         batches = windows(listing, size)
         first = next(batches, [])  # a missing source fails here, before anything is written
         _destination_info(dst, _PROBE_KEY)  # and a missing destination bucket here
-        for batch in itertools.chain([first] if first else [], batches):
-            _window(src, dst, narrow, batch, buffers, totals, dry_run, on_item, progress)
+        todo = itertools.chain([first] if first else [], batches)
+        if ray_address is None:
+            buffers = _Buffers()
+            done: Iterable[tuple[list[ObjectInfo], list[Outcome]]] = (
+                (batch, copy_window(src, dst, batch, buffers, dry_run)) for batch in todo)
+        else:
+            from kvstore.kv.copy_ray import copy_on_ray
+
+            done = copy_on_ray(src.config, dst.config, todo, ray_address, dry_run)
+        for batch, results in done:
+            _tally(totals, batch, results, on_item, progress)
     return CopyReport(totals.copied, totals.skipped, totals.replaced, totals.failures, totals.bytes,
                       time.perf_counter() - started, dry_run, totals.vanished)
 
 
-def _window(src: Any, dst: Any, narrow: Any, batch: list[ObjectInfo], buffers: _Buffers, totals: _Totals, dry_run: bool,
-            on_item: OnItem | None, progress: Progress | None) -> None:
-    """Copy one window of the listing, all of it in flight at once (up to the narrower store's bound)."""
+def copy_window(src: Any, dst: Any, batch: list[ObjectInfo], buffers: _Buffers, dry_run: bool) -> list[Outcome]:
+    """Copy one window of the listing, all of it in flight at once (up to the narrower store's bound).
 
-    def one(info: ObjectInfo) -> tuple[str, int, str]:
+    (action, bytes written, reason of a failure) per object, in order; a store-wide failure is raised.
+    """
+    narrow = src if src.config.max_inflight <= dst.config.max_inflight else dst
+
+    def one(info: ObjectInfo) -> Outcome:
         try:
             return _copy_one(src, dst, info, buffers, dry_run)
         except _FATAL:
@@ -249,7 +265,11 @@ def _window(src: Any, dst: Any, narrow: Any, batch: list[ObjectInfo], buffers: _
         except KVStoreError as exc:
             return FAILED, 0, f"{type(exc).__name__}: {exc}"
 
-    results = parallel_map(narrow, one, batch)
+    return parallel_map(narrow, one, batch)
+
+
+def _tally(totals: _Totals, batch: list[ObjectInfo], results: list[Outcome], on_item: OnItem | None,
+           progress: Progress | None) -> None:
     written = 0
     for info, (action, nbytes, reason) in zip(batch, results):
         if action == FAILED:
