@@ -79,7 +79,7 @@ def _rss() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
-def _threads() -> int:
+def os_threads() -> int:
     """OS threads of this process (Python's and the native libraries' alike)."""
     return len(os.listdir("/proc/self/task"))
 
@@ -92,14 +92,14 @@ class PeakRss:
 
     def __init__(self) -> None:
         self.start = self.peak = _rss()
-        self.threads = _threads()
+        self.threads = os_threads()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.005):
             self.peak = max(self.peak, _rss())
-            self.threads = max(self.threads, _threads() - 1)  # less this sampler
+            self.threads = max(self.threads, os_threads() - 1)  # less this sampler
 
     @property
     def growth(self) -> int:

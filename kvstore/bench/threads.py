@@ -11,41 +11,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
-
-
-def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
-
-
-class _Peak:
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, os_threads() - 1)  # less this sampler
-
-    def __enter__(self) -> _Peak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def measure(backend: str, url: str, extra: dict[str, Any], inflight: int, size: int) -> dict[str, Any]:
     """Threads before, open and at the peak of ``inflight`` reads, through the async and the sync API."""
     import kvstore
     from kvstore.bench.null_endpoint import payload
+    from kvstore.bench.runner import PeakRss, os_threads
 
     before = os_threads()
     config = extra | {"kvstore_backend": backend, "kvstore_max_inflight": inflight}
@@ -59,16 +35,16 @@ def measure(backend: str, url: str, extra: dict[str, Any], inflight: int, size: 
         async def reads() -> list[int | None]:
             return list(await asyncio.gather(*(store.aget_into(k, b) for k, b in zip(keys, buffers))))
 
-        with _Peak() as async_peak:
+        with PeakRss() as async_peak:
             start = time.perf_counter()
             assert asyncio.run(reads()) == [size] * inflight
             async_s = time.perf_counter() - start
-        with _Peak() as sync_peak:
+        with PeakRss() as sync_peak:
             start = time.perf_counter()
             assert store.get_into_many(keys, buffers) == [size] * inflight
             sync_s = time.perf_counter() - start
     return {"backend": backend, "inflight": inflight, "before_open": before, "open": opened,
-            "peak_async": async_peak.peak, "peak_sync": sync_peak.peak,
+            "peak_async": async_peak.threads, "peak_sync": sync_peak.threads,
             "async_s": round(async_s, 3), "sync_s": round(sync_s, 3)}
 
 
