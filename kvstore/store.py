@@ -1,9 +1,10 @@
 """``KVStore``: the one public face over a (layered) backend.
 
 It maps keys to object names (``<prefix>/<key>``, nothing else), validates keys and metadata,
-bounds requests in flight once for every caller, and derives the batched and asyncio calls from
-the backend's blocking ones on a single thread pool. It never creates an event loop: async
-methods run on the caller's loop and never block it.
+and bounds requests in flight once for every caller, threads and event loops together. Blocking
+calls go to the backend's blocking methods (batches fan out on a thread pool); asyncio calls
+await the backend's coroutines on the caller's loop, so an asynchronous backend (the S3 clients)
+serves any number of them with no thread per request. It never creates an event loop of its own.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import builtins
 import threading
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar, overload
 
 from kvstore.backends import call
-from kvstore.backends.base import Backend, ObjectInfo, as_byte_view, as_writable_view
+from kvstore.backends.base import Backend, ObjectInfo, aclose_pages, as_byte_view, as_writable_view
 from kvstore.config import StoreConfig
 from kvstore.errors import InvalidKey, KVStoreError
+from kvstore.limiter import Inflight
 
 T = TypeVar("T")
 MAX_NAME_BYTES = 1024  # S3's limit on an object name
@@ -28,36 +30,6 @@ MAX_METADATA_BYTES = 2048  # S3's limit on user metadata
 _META_KEY_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
 # Metadata names the library writes itself (the CRC32C, ...): a caller's own would be taken for ours.
 RESERVED_META_PREFIX = "kvstore-"
-
-
-class _Limiter:
-    """At most ``limit`` calls at once; ``close`` wakes every waiter with a ``KVStoreError``.
-
-    A semaphore would leave callers queued behind ``max_inflight`` asleep after ``close()``.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._free = limit
-        self._closed = False
-        self._cond = threading.Condition()
-
-    def acquire(self) -> None:
-        with self._cond:
-            while self._free <= 0 and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                raise KVStoreError("the store is closed")
-            self._free -= 1
-
-    def release(self) -> None:
-        with self._cond:
-            self._free += 1
-            self._cond.notify()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
 
 
 class KVStore:
@@ -72,7 +44,7 @@ class KVStore:
         self._backend = backend
         self._prefix = config.prefix.strip("/") + "/" if config.prefix.strip("/") else ""
         self._pool = ThreadPoolExecutor(max_workers=config.max_inflight, thread_name_prefix="kvstore")
-        self._limiter = _Limiter(config.max_inflight)
+        self._limiter = Inflight(config.max_inflight)
         # Leases of the reads in flight: close() revokes them, so nothing lands after it returns.
         self._leases: set[call.BufferLease] = set()
         self._closed = False
@@ -127,22 +99,40 @@ class KVStore:
 
     # -- core ----------------------------------------------------------------------------
     def _run(self, fn: Callable[..., T], *args: Any, lease: call.BufferLease | None = None) -> T:
-        """Run one backend operation under the in-flight bound, with its deadline and buffer lease current."""
+        """Run one blocking backend operation under the in-flight bound, with its deadline and buffer lease current."""
         if self._closed:
             raise KVStoreError("the store is closed")
         self._limiter.acquire()
         try:
-            if lease is not None:
-                with self._close_lock:
-                    if self._closed:
-                        raise KVStoreError("the store is closed")
-                    self._leases.add(lease)
+            self._hold(lease)
             with call.running(call.Call(self.config.timeout_s, lease)):
                 return fn(*args)
         finally:
             if lease is not None:
                 self._leases.discard(lease)
             self._limiter.release()
+
+    async def _arun(self, work: Callable[[], Awaitable[T]], lease: call.BufferLease | None = None) -> T:
+        """``_run`` for a backend coroutine, awaited on the caller's loop."""
+        if self._closed:
+            raise KVStoreError("the store is closed")
+        await self._limiter.aacquire()
+        try:
+            self._hold(lease)
+            with call.running(call.Call(self.config.timeout_s, lease)):
+                return await work()
+        finally:
+            if lease is not None:
+                self._leases.discard(lease)
+            self._limiter.release()
+
+    def _hold(self, lease: call.BufferLease | None) -> None:
+        """Track a read's buffer lease, so that ``close`` can revoke it."""
+        if lease is not None:
+            with self._close_lock:
+                if self._closed:
+                    raise KVStoreError("the store is closed")
+                self._leases.add(lease)
 
     def put(self, key: str, data: Any, metadata: Mapping[str, str] | None = None, *, if_absent: bool = False) -> None:
         """Store ``data`` (any contiguous buffer) under ``key``; ``if_absent`` refuses to overwrite."""
@@ -159,22 +149,19 @@ class KVStore:
         return data if isinstance(data, bytes) else bytes(data)
 
     @overload
-    def get_into(self, key: str, buffer: Any, *, info: Literal[False] = False,
-                 _lease: call.BufferLease | None = None) -> int | None: ...
+    def get_into(self, key: str, buffer: Any, *, info: Literal[False] = False) -> int | None: ...
 
     @overload
-    def get_into(self, key: str, buffer: Any, *, info: Literal[True],
-                 _lease: call.BufferLease | None = None) -> ObjectInfo | None: ...
+    def get_into(self, key: str, buffer: Any, *, info: Literal[True]) -> ObjectInfo | None: ...
 
-    def get_into(self, key: str, buffer: Any, *, info: bool = False,
-                 _lease: call.BufferLease | None = None) -> int | ObjectInfo | None:
+    def get_into(self, key: str, buffer: Any, *, info: bool = False) -> int | ObjectInfo | None:
         """Fill ``buffer`` (bytearray, memoryview, numpy array, CPU tensor) with the object; its size, or None.
 
         With ``info=True`` it hands back the object's size and metadata instead, from the same
         response: a reader that needs them sends no HEAD first.
         """
         name, view = self.name_of(key), as_writable_view(buffer)
-        result = self._run(self._backend.get_into, name, view, lease=_lease or call.BufferLease())
+        result = self._run(self._backend.get_into, name, view, lease=call.BufferLease())
         if result is None:
             return None
         return ObjectInfo(key, result.size, result.metadata) if info else result.size
@@ -259,33 +246,17 @@ class KVStore:
             self._run(self._backend.discard_many, names)
 
     # -- asyncio -------------------------------------------------------------------------
-    async def _async(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._closed:
-            raise KVStoreError("the store is closed")
-        try:
-            future = asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args))
-        except RuntimeError as exc:  # the pool shut down between the check and the submit
-            raise KVStoreError("the store is closed") from exc
-        return await future
-
-    async def _aget_into(self, key: str, buffer: Any, info: bool = False) -> int | ObjectInfo | None:
-        """``get_into`` on the pool; a cancel (or ``wait_for``'s timeout) revokes the buffer before it propagates.
-
-        The worker may still be mid-transfer, but once the lease is revoked it can no longer
-        touch ``buffer``: the caller (LMCache) may free or reuse it the moment we return.
-        """
-        lease = call.BufferLease()
-        try:
-            return await self._async(lambda: self.get_into(key, buffer, info=info, _lease=lease))  # type: ignore[call-overload]
-        except asyncio.CancelledError:
-            lease.revoke("the call was cancelled")
-            raise
-
     async def aput(self, key: str, data: Any, metadata: Mapping[str, str] | None = None, *, if_absent: bool = False) -> None:
-        await self._async(lambda: self.put(key, data, metadata, if_absent=if_absent))
+        name, view, meta = self.name_of(key), as_byte_view(data), self._check_metadata(metadata)
+        await self._arun(lambda: self._backend.aput(name, view, meta, if_absent=if_absent))
 
     async def aget(self, key: str) -> bytes | None:
-        return await self._async(self.get, key)
+        name = self.name_of(key)
+        result = await self._arun(lambda: self._backend.aget(name))
+        if result is None:
+            return None
+        data = result[0]
+        return data if isinstance(data, bytes) else bytes(data)
 
     @overload
     async def aget_into(self, key: str, buffer: Any, *, info: Literal[False] = False) -> int | None: ...
@@ -294,79 +265,80 @@ class KVStore:
     async def aget_into(self, key: str, buffer: Any, *, info: Literal[True]) -> ObjectInfo | None: ...
 
     async def aget_into(self, key: str, buffer: Any, *, info: bool = False) -> int | ObjectInfo | None:
-        """``get_into`` on the caller's loop; ``info=True`` hands back size and metadata from the same response."""
-        return await self._aget_into(key, buffer, info)
+        """``get_into`` on the caller's loop; ``info=True`` hands back size and metadata from the same response.
+
+        A cancel (or ``wait_for``'s timeout) revokes the buffer before it propagates: whatever
+        the transfer is still doing, it can no longer touch ``buffer``, which the caller
+        (LMCache) may free or reuse the moment this returns.
+        """
+        name, view = self.name_of(key), as_writable_view(buffer)
+        lease = call.BufferLease()
+        try:
+            result = await self._arun(lambda: self._backend.aget_into(name, view), lease)
+        except asyncio.CancelledError:
+            lease.revoke("the call was cancelled")
+            raise
+        if result is None:
+            return None
+        return ObjectInfo(key, result.size, result.metadata) if info else result.size
 
     async def aexists(self, key: str) -> bool:
-        return await self._async(self.exists, key)
+        return await self.astat(key) is not None
 
     async def astat(self, key: str) -> ObjectInfo | None:
-        return await self._async(self.stat, key)
+        name = self.name_of(key)
+        info = await self._arun(lambda: self._backend.ahead(name))
+        return None if info is None else ObjectInfo(key, info.size, info.metadata, info.last_modified, info.etag)
 
     async def adelete(self, key: str) -> bool:
-        return await self._async(self.delete, key)
+        name = self.name_of(key)
+        return await self._arun(lambda: self._backend.adelete(name))
 
     async def alist(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[str]:
-        """``list`` as an async iterator: one page is fetched at a time, off the event loop."""
+        """``list`` as an async iterator: one page is fetched at a time."""
         async for info in self.ascan(prefix, start_after=start_after):
             yield info.key
 
     async def ascan(self, prefix: str = "", *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
-        """``scan`` as an async iterator."""
-        pages = self._pages(prefix, start_after)
-        lock = threading.Lock()  # a cancelled pull may still be running when the iterator is closed
-
-        def pull() -> builtins.list[ObjectInfo] | None:
-            with lock:
-                page: builtins.list[ObjectInfo] | None = self._run(next, pages, None)
-                return page
-
-        def shut() -> None:
-            with lock:
-                pages.close()
-
+        """``scan`` as an async iterator; closing it early closes the listing."""
+        if self._closed:
+            raise KVStoreError("the store is closed")
+        after = None if start_after is None else self._prefix + start_after
+        pages = aiter(self._backend.alist_pages(self._prefix + prefix, after))
         try:
-            while (page := await self._async(pull)) is not None:
-                for info in page:
-                    yield info
+            while (page := await self._arun(lambda: anext(pages, None))) is not None:
+                for i in page:
+                    yield ObjectInfo(self._key_of(i.key), i.size, i.metadata, i.last_modified, i.etag)
         finally:
-            if lock.acquire(blocking=False):
-                try:
-                    pages.close()
-                finally:
-                    lock.release()
-            elif not self._closed:
-                self._pool.submit(shut)
-
-    async def _agather(self, fn: Callable[..., Any], args: builtins.list[tuple[Any, ...]]) -> builtins.list[Any]:
-        return list(await asyncio.gather(*(self._async(fn, *a) for a in args)))
+            await aclose_pages(pages)
 
     async def aput_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]], metadata: Mapping[str, str] | None = None) -> None:
         pairs = list(items.items() if isinstance(items, Mapping) else items)
-        await self._agather(lambda k, d: self.put(k, d, metadata), pairs)
+        await asyncio.gather(*(self.aput(k, d, metadata) for k, d in pairs))
 
     async def aget_many(self, keys: Iterable[str]) -> builtins.list[bytes | None]:
-        return await self._agather(self.get, [(k,) for k in keys])
+        return list(await asyncio.gather(*(self.aget(k) for k in keys)))
 
     async def aget_into_many(self, keys: Iterable[str], buffers: Iterable[Any]) -> builtins.list[int | None]:
         keys, buffers = list(keys), list(buffers)
         if len(keys) != len(buffers):
             raise ValueError(f"{len(keys)} keys but {len(buffers)} buffers")
-        return list(await asyncio.gather(*(self._aget_into(k, b) for k, b in zip(keys, buffers))))  # type: ignore[arg-type]
+        return list(await asyncio.gather(*(self.aget_into(k, b) for k, b in zip(keys, buffers))))
 
     async def aexists_many(self, keys: Iterable[str]) -> builtins.list[bool]:
-        return await self._agather(self.exists, [(k,) for k in keys])
+        return list(await asyncio.gather(*(self.aexists(k) for k in keys)))
 
     async def adelete_many(self, keys: Iterable[str]) -> builtins.list[bool]:
-        keys = list(keys)
-        return await self._async(self.delete_many, keys)
+        names = [self.name_of(k) for k in keys]
+        return await self._arun(lambda: self._backend.adelete_many(names)) if names else []
 
     async def adiscard(self, key: str) -> None:
-        await self._async(self.discard, key)
+        await self.adiscard_many([key])
 
     async def adiscard_many(self, keys: Iterable[str]) -> None:
-        keys = list(keys)
-        await self._async(self.discard_many, keys)
+        names = [self.name_of(k) for k in keys]
+        if names:
+            await self._arun(lambda: self._backend.adiscard_many(names))
 
     # -- lifecycle -----------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
@@ -390,8 +362,6 @@ class KVStore:
         self._limiter.close()
         for lease in leases:
             lease.revoke("the store was closed")
-        # Queued pool work is not cancelled: it runs, finds the store closed and fails with a
-        # KVStoreError, which is what an awaiting caller should see rather than CancelledError.
         self._pool.shutdown(wait=False)
         self._backend.close()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kvstore import plugins
 from kvstore.config.keys import FOREIGN_KEYS, FOREIGN_PREFIXES, KEYS, MAX_IO_THREADS, OWN_PREFIXES
+from kvstore.config.lmcache import LMCacheOptions
 from kvstore.config.profiles import RULES, profile_named, profile_names
 from kvstore.config.resolve import DEFAULTS
 
@@ -48,6 +49,10 @@ def render() -> str:
         "must name the same store, or the command stops with an error naming both; give `-` as the URL",
         "to take the file's. A file whose `extra_config` is not a mapping is an error.",
         "",
+        "The tables below name the `StoreConfig` field each key sets, as `kvstore resolve` shows it.",
+        "`lmcache.NAME` fields are the settings only the LMCache adapter and the chunk naming read",
+        "(`config.lmcache`, an `LMCacheOptions`); backends never see them.",
+        "",
         "## URLs that are refused",
         "",
         "- A mangled scheme (`s3:/bucket`, `s3//bucket`, `s3:bucket`), `file:relative`, and a scheme that",
@@ -82,6 +87,7 @@ def render() -> str:
         out.append("")
     out += ["## Defaults", "", "| field | default |", "|---|---|"]
     out += [f"| `{name}` | `{value}` |" for name, value in DEFAULTS.items()]
+    out += [f"| `lmcache.{name}` | `{value}` |" for name, value in LMCacheOptions().items()]
     out += ["", "## Profiles", "",
             "| profile | backends (default first) | addressing | TLS only | part size (min) | checksum | what |",
             "|---|---|---|---|---|---|---|"]

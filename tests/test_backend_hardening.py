@@ -255,20 +255,25 @@ def test_an_object_replaced_by_a_larger_one_between_head_and_get_is_read_whole(m
             open_store(moto, bucket, name, kvstore_timeout_s=20) as writer:
         store.put("k", small)
         inner = _innermost(store)
-        head, replaced = inner.head, []
+        ahead, replaced = inner.ahead, []
 
-        def head_then_replace(object_name):
-            info = head(object_name)
+        async def head_then_replace(object_name):
+            info = await ahead(object_name)
             if not replaced:  # another writer replaces the object after our HEAD, before our GET
                 replaced.append(True)
-                writer.put("k", large)
+                await writer.aput("k", large)  # awaited: a blocking call here would hold the backend's loop
             return info
 
-        inner.head = head_then_replace
+        inner.ahead = head_then_replace  # the coroutine both APIs run (the blocking one is its mirror)
         if name != "fsspec":  # these read with one GET and no HEAD: the replacement comes first
             writer.put("k", large)
         assert store.get("k") == large
         assert store.get("k") == large
+        store.put("k", small)
+        replaced.clear()
+        if name != "fsspec":
+            writer.put("k", large)
+        assert asyncio.run(store.aget("k")) == large
 
 
 # -- §13.3: the server verifies what we upload ----------------------------------------------------

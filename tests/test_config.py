@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import kvstore
 from kvstore.cli.common import load_extra_config
+from kvstore.config import LMCacheOptions
 from kvstore.config import keys as K
 from kvstore.errors import ConfigError
 
@@ -108,7 +109,8 @@ def test_legacy_keys_map_to_current_fields():
 def test_mp_spec_capacity_and_ignored_framework_keys():
     spec = json.loads((EXAMPLES / "mp_l2_s3.json").read_text())
     c = r(None, spec)
-    assert c.capacity_bytes == 500 * 1024**3
+    assert c.lmcache.capacity_bytes == 500 * 1024**3
+    assert c.source_of("lmcache.capacity_bytes") == "extra_config:max_capacity_gb"
     assert set(c.ignored_keys) == {"type", "eviction"}
 
 
@@ -251,14 +253,33 @@ def test_lmcache_config_keeps_a_proxy_without_password_and_names_only_what_it_wi
     assert SECRET not in out
 
 
+def test_lmcache_keys_resolve_into_their_own_options():
+    c = r("memory://lm", {"kvstore_key_layout": "hashed", "save_chunk_meta": "true", "max_capacity_gb": 0.5})
+    assert c.lmcache == LMCacheOptions(key_layout="hashed", save_chunk_meta=True, capacity_bytes=512 * 1024**2)
+    assert not {"key_layout", "save_chunk_meta", "capacity_bytes"} & set(kvstore.StoreConfig.__dataclass_fields__)
+    rows = {name: (shown, source) for name, shown, source in c.rows()}
+    assert rows["lmcache.key_layout"] == ("hashed", "extra_config:kvstore_key_layout")
+    assert c.as_dict()["lmcache.capacity_bytes"] == {"value": 512 * 1024**2, "source": "extra_config:max_capacity_gb"}
+    assert r("memory://lm").as_dict()["lmcache.key_layout"] == {"value": "flat", "source": "default"}
+    changed = c.with_overrides(lmcache=LMCacheOptions())
+    assert changed.lmcache.key_layout == "flat" and changed.source_of("lmcache.key_layout") == "override"
+    with pytest.raises(ConfigError, match="max_capacity_gb must not be negative") as info:
+        r("memory://lm", {"max_capacity_gb": -1})
+    assert info.value.key == "max_capacity_gb"
+    with pytest.raises(ConfigError, match="kvstore_key_layout must be one of flat, hashed"):
+        LMCacheOptions(key_layout="sharded")
+
+
 def test_key_table_is_consistent():
     for key in K.KEYS:
         assert key.origin in ("lmcache", "lmcache-legacy", "lmcache-mp", "kvstore")
         assert key.doc.endswith(".")
         if key.legacy_of:
             assert key.legacy_of in K.BY_NAME
-    fields = set(kvstore.StoreConfig.__dataclass_fields__)
-    assert {k.field for k in K.KEYS if k.field} <= fields
+    for key in K.KEYS:
+        group, _, name = (key.field or "").rpartition(".")
+        owner = {"": kvstore.StoreConfig, "lmcache": LMCacheOptions}[group]
+        assert not key.field or name in owner.__dataclass_fields__, key
 
 
 # -- property-based: no input raises anything but ConfigError, and what resolves is coherent --

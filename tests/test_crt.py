@@ -196,6 +196,7 @@ def test_get_into_numpy_without_full_copy(store, big_object):
     assert peak < 3 * store.config.part_size < BIG, f"peak {peak / MiB:.1f} MiB"
 
 
+@pytest.mark.lmcache
 def test_get_into_torch_without_full_copy(store, big_object):
     torch = pytest.importorskip("torch")
     target = torch.zeros(BIG // 2, dtype=torch.bfloat16)

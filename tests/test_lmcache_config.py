@@ -161,7 +161,7 @@ def test_unresolvable_store_is_refused(capsys):
 
 
 def test_key_layouts():
-    from kvstore.lmcache import naming
+    from kvstore import naming
 
     assert naming.chunk_name("org/m@1@0@-22b@bfloat16") == "org_m@1@0@-22b@bfloat16"
     hashed = naming.chunk_name("org/m@1@0@-22b@bfloat16", "hashed")

@@ -22,7 +22,7 @@ from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 from lmcache.v1.storage_backend.storage_manager import StorageManager  # noqa: E402
 
 import kvstore  # noqa: E402
-from kvstore.lmcache import naming  # noqa: E402
+from kvstore import naming  # noqa: E402
 
 pytestmark = pytest.mark.lmcache
 

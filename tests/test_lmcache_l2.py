@@ -20,7 +20,7 @@ from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend  # noqa: E402
 
 import kvstore  # noqa: E402
-from kvstore.lmcache import naming  # noqa: E402
+from kvstore import naming  # noqa: E402
 
 pytestmark = pytest.mark.lmcache
 
@@ -108,7 +108,7 @@ def test_adapter_params_accept_builtin_s3_keys():
         "s3_prefer_http2": True, "s3_enable_s3express": False, "disable_tls": False, "max_capacity_gb": 2,
     })
     assert config.store_config.bucket == "my-bucket"
-    assert config.store_config.capacity_bytes == 2 * 1024**3
+    assert config.store_config.lmcache.capacity_bytes == 2 * 1024**3
 
 
 @pytest.mark.parametrize("key, value", [("eviction", {"eviction_policy": "LRU"}), ("serde", {"type": "fp8"}),

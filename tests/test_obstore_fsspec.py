@@ -59,7 +59,7 @@ def test_round_trip(store, size):
     assert not buffer[size:].any()
 
 
-@pytest.mark.parametrize("target", ["numpy", "torch"])
+@pytest.mark.parametrize("target", ["numpy", pytest.param("torch", marks=pytest.mark.lmcache)])
 def test_get_into_64mib_without_a_full_size_copy(store, target):
     """Peak RSS, not tracemalloc: obstore's buffers live in Rust and botocore's in C, out of tracemalloc's sight."""
     from kvstore.bench.runner import PeakRss

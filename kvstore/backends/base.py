@@ -1,21 +1,31 @@
 """The narrow protocol every backend implements: object names in, buffers and metadata out.
 
 A backend moves bytes and nothing else: no retries, deadlines, metrics, checksums or key
-mapping (those are layers, see ``kvstore.layers``). Every method is blocking and thread-safe;
-``KVStore`` runs them on its own bounded pool for batches and asyncio. Listings come a page at a
-time, in name order, and resume after any name, so that a layer can retry one page and nothing
-ever holds a whole listing.
+mapping (those are layers, see ``kvstore.layers``). Every operation has a blocking method and a
+coroutine twin (``put`` / ``aput``, ...), all thread-safe. A backend implements one side: a
+blocking one (the file store) implements the blocking methods and gets coroutines that run them
+on a bounded pool of its own; an asynchronous one (``coroutines.AsyncBackend``: the S3 clients)
+implements the coroutines, which asyncio callers await directly, and gets blocking methods that
+run them on a loop thread. Listings come a page at a time, in name order, and resume after any
+name, so that a layer can retry one page and nothing ever holds a whole listing.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import asyncio
+import builtins
+import contextlib
+import contextvars
+import functools
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from kvstore.config import StoreConfig
-from kvstore.errors import BufferTooSmall, ConfigError, IntegrityError
+from kvstore.errors import BufferTooSmall, ConfigError, IntegrityError, KVStoreError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -29,7 +39,10 @@ PIECE = 1 << 20
 
 
 # How often ``get`` sizes a buffer again for an object replaced under it.
-_GET_RESIZES = 4
+GET_RESIZES = 4
+# ``sized_read``: the object changed size between the HEAD and the read; size it again.
+AGAIN: Any = object()
+T = TypeVar("T")
 
 # Objects per listing page: what S3's ListObjectsV2 returns at most, and what local stores hand out at a time.
 LIST_PAGE = 1000
@@ -94,7 +107,7 @@ class Backend(abc.ABC):
         An object replaced between the HEAD and the GET (larger or smaller) is sized and read
         again, a few times; one that keeps changing raises the last ``BufferTooSmall``.
         """
-        for attempt in range(_GET_RESIZES):
+        for attempt in range(GET_RESIZES):
             info = self.head(name)
             if info is None:
                 return None
@@ -102,15 +115,12 @@ class Backend(abc.ABC):
             try:
                 result = self.get_into(name, memoryview(buffer))
             except BufferTooSmall:
-                if attempt == _GET_RESIZES - 1:
+                if attempt == GET_RESIZES - 1:
                     raise
                 continue
-            if result is None:
-                return None
-            if result.size == info.size:
-                return buffer, result
-            if attempt == _GET_RESIZES - 1:  # shrank again and again: the last read is whole
-                return memoryview(buffer)[: result.size], result
+            outcome = sized_read(attempt, info.size, buffer, result)
+            if outcome is not AGAIN:
+                return outcome
         raise AssertionError("unreachable")  # pragma: no cover
 
     @abc.abstractmethod
@@ -144,8 +154,108 @@ class Backend(abc.ABC):
         for page in self.list_pages(prefix, start_after):
             yield from page
 
-    def close(self) -> None:  # noqa: B027 - a backend without resources has nothing to release
-        """Release clients, threads and sockets. Idempotent."""
+    # -- coroutines: a blocking backend's methods on a bounded pool of its own -----------------
+    # Whether the blocking methods wait on I/O. A backend that never waits (memory) sets it
+    # False and its coroutines run the blocking methods inline, on the caller's loop.
+    blocking: bool = True
+
+    async def aput(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
+        """``put`` as a coroutine."""
+        await self._off_loop(functools.partial(self.put, name, data, metadata, if_absent=if_absent))
+
+    async def aget_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
+        """``get_into`` as a coroutine."""
+        return await self._off_loop(functools.partial(self.get_into, name, buffer, on_chunk))
+
+    async def aget(self, name: str) -> tuple[bytes | bytearray | memoryview, ReadResult] | None:
+        """``get`` as a coroutine."""
+        return await self._off_loop(functools.partial(self.get, name))
+
+    async def ahead(self, name: str) -> ObjectInfo | None:
+        """``head`` as a coroutine."""
+        return await self._off_loop(functools.partial(self.head, name))
+
+    async def adelete(self, name: str) -> bool:
+        """``delete`` as a coroutine."""
+        return await self._off_loop(functools.partial(self.delete, name))
+
+    async def adelete_many(self, names: builtins.list[str]) -> builtins.list[bool]:
+        """``delete_many`` as a coroutine."""
+        return await self._off_loop(functools.partial(self.delete_many, names))
+
+    async def adiscard_many(self, names: builtins.list[str]) -> None:
+        """``discard_many`` as a coroutine."""
+        await self._off_loop(functools.partial(self.discard_many, names))
+
+    async def alist_pages(self, prefix: str, start_after: str | None = None) -> AsyncIterator[Sequence[ObjectInfo]]:
+        """``list_pages`` as an async iterator: each page is pulled off the loop."""
+        pages = iter(self.list_pages(prefix, start_after))
+        # A pull cancelled on the loop still runs in its thread: closing waits for it there.
+        lock = threading.Lock()
+
+        def pull() -> Sequence[ObjectInfo] | None:
+            with lock:
+                return next(pages, None)
+
+        def shut() -> None:
+            with lock:
+                close_pages(pages)
+
+        try:
+            while (page := await self._off_loop(pull)) is not None:
+                yield page
+        finally:
+            if lock.acquire(blocking=False):
+                lock.release()
+                shut()
+            else:
+                with contextlib.suppress(RuntimeError):  # a closed pool: its threads end the listing
+                    self._pool().submit(shut)
+
+    async def _off_loop(self, work: Callable[[], T]) -> T:
+        """Run blocking ``work`` on the backend's pool (inline when it never blocks), in this call's context."""
+        if not self.blocking:
+            return work()
+        pool = self._pool()
+        try:
+            future = asyncio.get_running_loop().run_in_executor(pool, contextvars.copy_context().run, work)
+        except RuntimeError as exc:  # the pool shut down between the lookup and the submit
+            raise KVStoreError("the store is closed") from exc
+        return await future
+
+    def _pool(self) -> ThreadPoolExecutor:
+        pool: ThreadPoolExecutor | None = self.__dict__.get("_threads")
+        if pool is None:
+            with _POOL_LOCK:
+                pool = self.__dict__.get("_threads")
+                if pool is None:
+                    pool = ThreadPoolExecutor(max_workers=max(1, self.config.max_inflight),
+                                              thread_name_prefix=f"kvstore-{type(self).__name__}")
+                    self.__dict__["_threads"] = pool
+        return pool
+
+    def close(self) -> None:
+        """Release clients, threads and sockets. Idempotent. A subclass that overrides it calls it too."""
+        pool = self.__dict__.pop("_threads", None)
+        if pool is not None:
+            # Queued work is not cancelled: it runs, finds the store closed and fails with a
+            # KVStoreError, which is what an awaiting caller should see rather than CancelledError.
+            pool.shutdown(wait=False)
+
+
+_POOL_LOCK = threading.Lock()
+
+
+def sized_read(attempt: int, size: int, buffer: bytearray,
+               result: ReadResult | None) -> tuple[bytes | bytearray | memoryview, ReadResult] | None:
+    """What ``get`` makes of one read into a ``size``-byte buffer: the object, a miss, or ``AGAIN``."""
+    if result is None:
+        return None
+    if result.size == size:
+        return buffer, result
+    if attempt == GET_RESIZES - 1:  # shrank again and again: the last read is whole
+        return memoryview(buffer)[: result.size], result
+    return cast("tuple[bytes, ReadResult]", AGAIN)
 
 
 def ca_bundle_pem(config: StoreConfig) -> bytes | None:
@@ -243,3 +353,17 @@ def pages_of(infos: Iterable[ObjectInfo], prefix: str, start_after: str | None, 
             page = []
     if page:
         yield page
+
+
+def close_pages(pages: object) -> None:
+    """Close a listing left part-way (a generator holding a directory or a connection), now rather than at GC."""
+    close = getattr(pages, "close", None)
+    if close is not None:
+        close()
+
+
+async def aclose_pages(pages: object) -> None:
+    """``close_pages`` for an async listing."""
+    close = getattr(pages, "aclose", None)
+    if close is not None:
+        await close()

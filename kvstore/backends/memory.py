@@ -21,6 +21,7 @@ _SPACES_LOCK = threading.Lock()
 
 class MemoryBackend(Backend):
     capabilities = Capabilities(conditional_put=True)
+    blocking = False  # nothing here waits: asyncio callers run these methods inline
 
     def __init__(self, config: StoreConfig) -> None:
         super().__init__(config)

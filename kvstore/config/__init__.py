@@ -1,5 +1,7 @@
-"""Configuration: the key table, the profiles and ``resolve``."""
+"""Configuration: the key table, the profiles, the resolved data and ``resolve``."""
 
-from kvstore.config.resolve import Credentials, Secret, StoreConfig, resolve
+from kvstore.config.lmcache import LMCacheOptions
+from kvstore.config.model import Credentials, Secret, StoreConfig
+from kvstore.config.resolve import resolve
 
-__all__ = ["Credentials", "Secret", "StoreConfig", "resolve"]
+__all__ = ["Credentials", "LMCacheOptions", "Secret", "StoreConfig", "resolve"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvstore.errors import ConfigError
+from kvstore.naming import LAYOUTS
 
 # LMCache's documented CoreWeave config asks for 320; far above that only costs OS threads (2,000
 # asked made 4,013), so a bigger value is a typo or a misunderstanding, not a tuning.
@@ -162,7 +163,9 @@ class Key:
     """One accepted extra_config key."""
 
     name: str
-    field: str | None  # the StoreConfig field it sets; None for keys that only steer detection
+    # The StoreConfig field it sets ("lmcache.NAME": a field of its LMCacheOptions); None for keys
+    # that only steer detection.
+    field: str | None
     parse: Callable[[Any], Any]
     doc: str
     kind: str  # type shown in the reference
@@ -180,7 +183,7 @@ KEYS: tuple[Key, ...] = (
     Key("disable_tls", "tls", parse_bool, "Plain HTTP instead of HTTPS (stored inverted as `tls`).", "bool", "lmcache"),
     Key("aws_access_key_id", "credentials", parse_str, "Static access key id; else the AWS default chain.", "str", "lmcache", secret=True),
     Key("aws_secret_access_key", "credentials", parse_str, "Static secret key; else the AWS default chain.", "str", "lmcache", secret=True),
-    Key("save_chunk_meta", "save_chunk_meta", parse_bool, "LMCache's per-chunk RemoteMetadata header. kvstore keeps object bytes raw and carries shape/dtype as object metadata instead.", "bool", "lmcache"),
+    Key("save_chunk_meta", "lmcache.save_chunk_meta", parse_bool, "LMCache's per-chunk RemoteMetadata header. kvstore keeps object bytes raw and carries shape/dtype as object metadata instead.", "bool", "lmcache"),
     Key("blocking_timeout_secs", "timeout_s", parse_float, "Deadline of one operation, retries included.", "float", "lmcache"),
     # LMCache's first documented generation (Aug-Oct 2025).
     Key("s3_max_io_concurrency", "io_threads", parse_int, "Older name of s3_num_io_threads.", "int", "lmcache-legacy", legacy_of="s3_num_io_threads"),
@@ -188,7 +191,7 @@ KEYS: tuple[Key, ...] = (
     Key("s3_file_prefix", "prefix", parse_str, "Older way to set the object prefix; prefer the URL path.", "str", "lmcache-legacy"),
     # LMCache MP-mode L2 adapter spec ("type": "s3").
     Key("s3_endpoint", None, parse_str, "MP-mode bucket URL: s3://bucket or the bare host form.", "str", "lmcache-mp"),
-    Key("max_capacity_gb", "capacity_bytes", parse_float, "Capacity reported by the L2 adapter's get_usage (0: untracked).", "float", "lmcache-mp"),
+    Key("max_capacity_gb", "lmcache.capacity_bytes", parse_float, "Capacity reported by the L2 adapter's get_usage (0: untracked).", "float", "lmcache-mp"),
     # kvstore's own.
     Key("kvstore_url", None, parse_str, "The store URL when it travels inside extra_config (LMCache plugins).", "str", "kvstore"),
     Key("kvstore_profile", "profile", parse_name, "Force a profile instead of detecting it from the URL (aws, s3express, coreweave, minio, s3, file, memory, or one an installed backend adds).", "str", "kvstore"),
@@ -205,7 +208,7 @@ KEYS: tuple[Key, ...] = (
     Key("kvstore_connect_timeout_s", "connect_timeout_s", parse_float, "TCP/TLS connect timeout.", "float", "kvstore"),
     Key("kvstore_max_retries", "max_retries", parse_int, "Retries of an idempotent operation after a transient failure.", "int", "kvstore"),
     Key("kvstore_checksum", "checksum", choice("crc32c", "none"), "End-to-end checksum stored with each object and checked on read.", "str", "kvstore"),
-    Key("kvstore_key_layout", "key_layout", choice("flat", "hashed"), "LMCache object names as LMCache writes them, or behind a short hash prefix.", "str", "kvstore"),
+    Key("kvstore_key_layout", "lmcache.key_layout", choice(*LAYOUTS), "LMCache object names as LMCache writes them, or behind a short hash prefix.", "str", "kvstore"),
     Key("kvstore_fsync", "fsync", parse_bool, "file store: fsync each object before it becomes visible.", "bool", "kvstore"),
     Key("kvstore_breaker_threshold", "breaker_threshold", parse_int, "Consecutive connection failures that open the circuit breaker (0: off).", "int", "kvstore"),
     Key("kvstore_breaker_reset_s", "breaker_reset_s", parse_float, "Seconds an open breaker waits before letting one probe through.", "float", "kvstore"),

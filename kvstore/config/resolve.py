@@ -2,18 +2,21 @@
 
 Precedence, highest first: the URL, extra_config, the environment (``AWS_*``), the profile's
 defaults. ``kvstore_profile`` / ``kvstore_backend`` override detection. Pure: reads
-``os.environ`` (or the mapping given) and nothing else.
+``os.environ`` (or the mapping given) and nothing else. What it builds is ``config.model``; the
+keys only the LMCache side reads become its ``config.lmcache`` (``LMCacheOptions``).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
 from kvstore.config import keys as K
+from kvstore.config.lmcache import LMCacheOptions
+from kvstore.config.model import Credentials, Secret, StoreConfig
 from kvstore.config.profiles import (
     AZ_REGIONS,
     Detected,
@@ -35,161 +38,12 @@ DEFAULTS = {
     "timeout_s": 30.0,
     "connect_timeout_s": 5.0,
     "max_retries": 4,
-    "save_chunk_meta": False,
-    "key_layout": "flat",
     "fsync": False,
-    "capacity_bytes": 0,
     "breaker_threshold": 5,
     "breaker_reset_s": 5.0,
     "region_fallback": "us-east-1",
 }
 MAX_PART = 5 * 1024 * MiB
-
-
-class Secret(str):
-    """A string that never shows itself in repr or str formatting of containers."""
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-    def reveal(self) -> str:
-        return str.__str__(self)
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """Where credentials come from. The secret parts are ``Secret`` and never printed."""
-
-    source: str  # "static" (extra_config), "env", "profile", "default-chain", "none"
-    access_key_id: str | None = None
-    secret_access_key: Secret | None = field(default=None, repr=False)
-    session_token: Secret | None = field(default=None, repr=False)
-    profile_name: str | None = None
-
-    def __repr__(self) -> str:
-        shown = f"source={self.source!r}"
-        if self.access_key_id:
-            shown += f", access_key_id={_mask(self.access_key_id)!r}, secret_access_key='***'"
-        if self.session_token:
-            shown += ", session_token='***'"
-        if self.profile_name:
-            shown += f", profile_name={self.profile_name!r}"
-        return f"Credentials({shown})"
-
-    __str__ = __repr__
-
-    def describe(self) -> str:
-        if self.source in ("static", "env"):
-            return f"{self.source} key {_mask(self.access_key_id or '')}"
-        if self.source == "profile":
-            return f"shared profile {self.profile_name!r}"
-        return self.source
-
-
-def _mask(access_key_id: str) -> str:
-    return access_key_id[:4] + "…" if len(access_key_id) > 4 else "…"
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """A validated, frozen store configuration. ``sources`` says where each field came from."""
-
-    profile: str
-    backend: str
-    bucket: str = ""
-    prefix: str = ""
-    endpoint: str = ""  # what the client connects to: scheme://host[:port] (bucket in the host when virtual)
-    base_endpoint: str = ""  # the service endpoint without the bucket (for clients that build the host themselves)
-    region: str = ""
-    addressing: str = ""
-    tls: bool = True
-    s3express: bool = False
-    prefer_http2: bool = False
-    io_threads: int = 0
-    max_inflight: int = 32
-    part_size: int = 8 * MiB
-    timeout_s: float = 30.0
-    connect_timeout_s: float = 5.0
-    max_retries: int = 4
-    checksum: str = "none"
-    ca_bundle: str | None = None
-    proxy_url: str | None = field(default=None, repr=False)  # may hold a password: shown redacted
-    credentials: Credentials = field(default_factory=lambda: Credentials("none"))
-    location: str = ""  # file root, memory name, or the whole URL of a profile a backend adds
-    save_chunk_meta: bool = False
-    key_layout: str = "flat"
-    fsync: bool = False
-    capacity_bytes: int = 0
-    breaker_threshold: int = 5
-    breaker_reset_s: float = 5.0
-    ignored_keys: tuple[str, ...] = ()
-    options: Mapping[str, Any] = field(default_factory=dict)  # the keys the chosen backend adds, by name
-    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def is_s3(self) -> bool:
-        return profile_named(self.profile).is_s3
-
-    @property
-    def url(self) -> str:
-        """A canonical URL for this store (no secrets)."""
-        if self.is_s3:
-            tail = f"/{self.prefix}" if self.prefix else ""
-            return f"s3://{self.bucket}{tail}"
-        if self.profile == "file":
-            return f"file://{self.location}"
-        if self.profile == "memory":
-            return f"memory://{self.location}"
-        return self.location
-
-    def source_of(self, name: str) -> str:
-        return self.sources.get(name, "default")
-
-    def rows(self) -> list[tuple[str, str, str]]:
-        """(field, shown value, source) for display; secrets redacted."""
-        out = []
-        for f in fields(self):
-            if f.name == "sources":
-                continue
-            value = getattr(self, f.name)
-            if f.name == "options":  # one row per key a backend adds
-                for name, option in value.items():
-                    shown = "***" if isinstance(option, Secret) else str(option)
-                    out.append((f"options.{name}", shown, self.source_of(f"options.{name}")))
-                continue
-            if isinstance(value, Credentials):
-                shown = value.describe()
-            elif isinstance(value, tuple):
-                shown = ", ".join(value)
-            elif f.name == "proxy_url" and value:
-                shown = K.redact_url(value)
-            else:
-                shown = str(value)
-            out.append((f.name, shown, self.source_of(f.name)))
-        return out
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready, secrets redacted."""
-        result: dict[str, Any] = {}
-        for name, shown, source in self.rows():
-            if name.startswith("options."):
-                option = self.options[name[len("options."):]]
-                result[name] = {"value": shown if isinstance(option, Secret) else option, "source": source}
-                continue
-            value = getattr(self, name)
-            if name == "proxy_url":
-                value = shown if value else None
-            elif isinstance(value, Credentials):
-                value = {"source": value.source, "access_key_id": _mask(value.access_key_id) if value.access_key_id else None,
-                         "profile_name": value.profile_name}
-            result[name] = {"value": list(value) if isinstance(value, tuple) else value, "source": source}
-        return result
-
-    def with_overrides(self, **changes: Any) -> StoreConfig:
-        """A copy with some fields changed (sources marked as overridden)."""
-        sources = dict(self.sources)
-        sources.update({name: "override" for name in changes})
-        return replace(self, **changes, sources=MappingProxyType(sources))
 
 
 class _Builder:
@@ -313,8 +167,8 @@ def resolve(url: str | None, extra_config: Mapping[str, Any] | None = None, *, e
             b.set("tls", not value, source)
         elif key.field == "prefix":
             b.set("prefix", value.strip("/"), source)
-        elif key.field == "capacity_bytes":
-            b.set("capacity_bytes", int(value * 1024**3), source)
+        elif key.field == "lmcache.capacity_bytes":
+            b.set(key.field, int(value * 1024**3), source)
         else:
             b.set(key.field, value, source)
 
@@ -396,8 +250,8 @@ def _apply_profile_defaults(b: _Builder, profile: Profile) -> None:
             b.values.pop(name, None)
             b.sources.pop(name, None)
         b.default("tls", False, src)
-    for name in ("io_threads", "max_inflight", "timeout_s", "connect_timeout_s", "max_retries", "save_chunk_meta",
-                 "key_layout", "fsync", "capacity_bytes", "breaker_threshold", "breaker_reset_s"):
+    for name in ("io_threads", "max_inflight", "timeout_s", "connect_timeout_s", "max_retries", "fsync",
+                 "breaker_threshold", "breaker_reset_s"):
         b.default(name, DEFAULTS[name], "default")
     b.default("checksum", profile.checksum, src)
     b.default("part_size", profile.part_size, src)
@@ -470,6 +324,13 @@ def _credentials(extra: dict[str, Any], env: Mapping[str, str], is_s3: bool) -> 
     return Credentials("default-chain"), "default"
 
 
+def _lmcache_options(values: dict[str, Any]) -> LMCacheOptions:
+    """The values collected as ``lmcache.FIELD`` as one ``LMCacheOptions``, which checks them; the
+    rest take its defaults (their source stays "default")."""
+    group = [name for name in values if name.startswith("lmcache.")]
+    return LMCacheOptions(**{name.removeprefix("lmcache."): values.pop(name) for name in group})
+
+
 def _validate(values: dict[str, Any], profile: Profile) -> None:
     from kvstore import plugins
 
@@ -488,8 +349,7 @@ def _validate(values: dict[str, Any], profile: Profile) -> None:
     for name in ("timeout_s", "connect_timeout_s", "breaker_reset_s"):
         if not 0 < values[name] <= 86_400:
             raise ConfigError(f"{name} must be a positive number of seconds, got {values[name]}", key=name)
-    if values["capacity_bytes"] < 0:
-        raise ConfigError("max_capacity_gb must not be negative", key="max_capacity_gb")
+    values["lmcache"] = _lmcache_options(values)
     if not profile.is_s3:
         for name, key in (("s3express", "s3_enable_s3express"), ("proxy_url", "s3_proxy_url")):
             if values.get(name):

@@ -101,7 +101,7 @@ class PromptWriter:
         job = self.job
         return chunk_keys(tokens, model=job.model, layout=self.model.layout, world_size=job.world_size,
                           worker_id=job.worker_id, save_unfull_chunk=job.save_unfull_chunk,
-                          key_layout=self.store.config.key_layout, engine_config=job.engine_config)
+                          key_layout=self.store.config.lmcache.key_layout, engine_config=job.engine_config)
 
     def _present(self, names: set[str]) -> dict[str, bool]:
         """One batched existence check for a whole batch of prompts."""

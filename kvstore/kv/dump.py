@@ -63,7 +63,7 @@ def dump(
     if source.num_tokens != num_tokens:
         raise ConfigError(f"the KV cache covers {source.num_tokens} tokens but {num_tokens} tokens were given")
     chunks = chunk_keys(tokens, model=model, layout=layout, world_size=world_size, worker_id=worker_id,
-                        save_unfull_chunk=save_unfull_chunk, key_layout=store.config.key_layout,
+                        save_unfull_chunk=save_unfull_chunk, key_layout=store.config.lmcache.key_layout,
                         engine_config=engine_config)
     return write_chunks(store, chunks, source, layout, batch_chunks=batch_chunks, progress=progress, if_absent=if_absent)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from kvstore.errors import IntegrityError
 from kvstore.kv.concurrency import parallel_map, windows
-from kvstore.lmcache.naming import META_CHUNK_INDEX, META_DTYPES, META_PREV, META_SHAPES, META_TOKENS
+from kvstore.naming import META_CHUNK_INDEX, META_DTYPES, META_PREV, META_SHAPES, META_TOKENS
 
 # Item sizes of the dtypes ``lmcache-dtypes`` names (torch spelling), to check a chunk's size without torch.
 _ITEM_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "uint8": 1, "int8": 1,

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 from kvstore.errors import BackendUnavailable
 from kvstore.kv.layout import KVLayout
-from kvstore.lmcache.naming import chain_metadata, chunk_name, key_hash
+from kvstore.naming import chain_metadata, chunk_name, key_hash
 
 _TORCH_DTYPE_OF_NAME = {"half": "float16", "float": "float32", "double": "float64"}
 
@@ -91,7 +91,7 @@ def chunk_keys(
 
     ``save_unfull_chunk=False`` leaves out a short last chunk, as LMCache's default config does;
     the keys of full chunks are the same either way. Object names follow the LMCache adapter's
-    naming in ``key_layout`` (a store's ``config.key_layout``). ``engine_config`` is the
+    naming in ``key_layout`` (a store's ``config.lmcache.key_layout``). ``engine_config`` is the
     ``LMCacheEngineConfig`` of the engine that will read the chunks, when there is one.
     """
     _, _, ChunkedTokenDatabase = _lmcache()

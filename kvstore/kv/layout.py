@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvstore.errors import ConfigError
-from kvstore.lmcache.naming import META_DTYPES, META_FMT, META_SHAPES, META_TOKENS
+from kvstore.naming import META_DTYPES, META_FMT, META_SHAPES, META_TOKENS
 
 FORMATS = ("KV_2LTD", "KV_MLA_FMT")
 

@@ -17,7 +17,7 @@ Progress = Callable[[int], None]  # called with how many more chunks were looked
 def _keys(store: Any, tokens: Sequence[int] | Any, model: str, layout: KVLayout, world_size: int, worker_id: int,
           save_unfull_chunk: bool, engine_config: Any) -> list[ChunkKey]:
     return chunk_keys(tokens, model=model, layout=layout, world_size=world_size, worker_id=worker_id,
-                      save_unfull_chunk=save_unfull_chunk, key_layout=store.config.key_layout, engine_config=engine_config)
+                      save_unfull_chunk=save_unfull_chunk, key_layout=store.config.lmcache.key_layout, engine_config=engine_config)
 
 
 def load_chunks(

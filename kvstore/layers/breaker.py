@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from kvstore.errors import StoreTimeout, StoreUnavailable
@@ -42,6 +42,27 @@ class BreakerLayer(Layer):
             return "open"
 
     def around(self, op: str, call: Callable[[], T], nbytes: int = 0) -> T:
+        self._admit()
+        try:
+            result = call()
+        except BaseException as exc:
+            self._failed(op, exc)
+            raise
+        self._close()
+        return result
+
+    async def aaround(self, op: str, call: Callable[[], Awaitable[T]], nbytes: int = 0) -> T:
+        self._admit()
+        try:
+            result = await call()
+        except BaseException as exc:
+            self._failed(op, exc)
+            raise
+        self._close()
+        return result
+
+    def _admit(self) -> None:
+        """Let a call through, or fail it fast while the circuit is open (one probe when half-open)."""
         with self._lock:
             if self._opened_at is not None:
                 waited = time.monotonic() - self._opened_at
@@ -50,27 +71,23 @@ class BreakerLayer(Layer):
                         f"circuit open after {self._failures} connection failures; retrying in "
                         f"{max(0.0, self.config.breaker_reset_s - waited):.1f} s", retryable=False, connection=True)
                 self._probing = True
-        try:
-            result = call()
-        except (StoreUnavailable, StoreTimeout) as exc:
-            # Retries that ran out on 503s end in StoreTimeout too: only a lost connection counts.
-            cause = exc if isinstance(exc, StoreUnavailable) else exc.__cause__
-            connection = getattr(cause, "connection", True)
-            with self._lock:
-                self._probing = False
-                if connection:
-                    self._failures += 1
-                    if self._failures >= self.config.breaker_threshold or self._opened_at is not None:
-                        if self._opened_at is None:
-                            self.metrics.count("breaker_opened", op)
-                        self._opened_at = time.monotonic()
-            raise
-        except BaseException:
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        if not isinstance(exc, (StoreUnavailable, StoreTimeout)):
             # Any other answer (a 403, a bad key) still proves the endpoint is reachable.
             self._close()
-            raise
-        self._close()
-        return result
+            return
+        # Retries that ran out on 503s end in StoreTimeout too: only a lost connection counts.
+        cause = exc if isinstance(exc, StoreUnavailable) else exc.__cause__
+        connection = getattr(cause, "connection", True)
+        with self._lock:
+            self._probing = False
+            if connection:
+                self._failures += 1
+                if self._failures >= self.config.breaker_threshold or self._opened_at is not None:
+                    if self._opened_at is None:
+                        self.metrics.count("breaker_opened", op)
+                    self._opened_at = time.monotonic()
 
     def _close(self) -> None:
         with self._lock:

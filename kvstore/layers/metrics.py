@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from kvstore.backends.base import Backend, ReadResult
@@ -70,12 +70,32 @@ class MetricsLayer(Layer):
         try:
             result = call()
         except Exception as exc:
-            self.registry.count("errors", op)
-            self.registry.count(f"errors.{type(exc).__name__}", op)
+            self._failed(op, exc)
             raise
         finally:
-            self.registry.observe(op, time.perf_counter() - start)
-            self.registry.count("calls", op)
+            self._timed(op, start)
+        return self._counted(op, result, nbytes)
+
+    async def aaround(self, op: str, call: Callable[[], Awaitable[T]], nbytes: int = 0) -> T:
+        start = time.perf_counter()
+        try:
+            result = await call()
+        except Exception as exc:
+            self._failed(op, exc)
+            raise
+        finally:
+            self._timed(op, start)
+        return self._counted(op, result, nbytes)
+
+    def _failed(self, op: str, exc: Exception) -> None:
+        self.registry.count("errors", op)
+        self.registry.count(f"errors.{type(exc).__name__}", op)
+
+    def _timed(self, op: str, start: float) -> None:
+        self.registry.observe(op, time.perf_counter() - start)
+        self.registry.count("calls", op)
+
+    def _counted(self, op: str, result: T, nbytes: int) -> T:
         if op == "put":
             self.registry.count("bytes_out", op, nbytes)
         elif op == "get_into" and result is not None:

@@ -1,7 +1,7 @@
 """LMCache integration: a remote-storage plugin, a storage plugin and an MP-mode L2 adapter.
 
 The classes import LMCache (and torch) only when first used, so ``import kvstore.lmcache`` and the
-naming and config helpers stay light.
+config helpers stay light. Chunk names are ``kvstore.naming``, shared with ``kvstore.kv``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from lmcache.v1.memory_management import MemoryFormat, MemoryObj
 
-from kvstore.lmcache.naming import META_DTYPES, META_FMT, META_SHAPES, META_TOKENS
+from kvstore.naming import META_DTYPES, META_FMT, META_SHAPES, META_TOKENS
 
 TOKEN_DIM = 2  # [2 or 1, layers, tokens, hidden] for KV_2LTD and KV_MLA_FMT
 

@@ -383,9 +383,9 @@ def mp_config(raw: Mapping[str, Any] | None, url: str | None, sets: Mapping[str,
     store = check(params.get("kvstore_url"), params)
     if "eviction" in top:
         validate_eviction(top["eviction"])
-        if top["eviction"]["eviction_policy"] in CAPACITY_POLICIES and store.capacity_bytes <= 0:
+        if top["eviction"]["eviction_policy"] in CAPACITY_POLICIES and store.lmcache.capacity_bytes <= 0:
             out.warnings.append("eviction needs max_capacity_gb > 0 in adapter_params: without a capacity LMCache never evicts from this store")
-    elif store.capacity_bytes > 0:
+    elif store.lmcache.capacity_bytes > 0:
         out.warnings.append("max_capacity_gb is set but there is no eviction block: LMCache never deletes from this store and it grows without limit")
     spec["adapter_params"] = _public(params, out.withheld)
     spec.update(top)

@@ -28,8 +28,9 @@ from lmcache.v1.storage_backend.connector import ConnectorAdapter, ConnectorCont
 from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
 import kvstore
+from kvstore import naming
 from kvstore.errors import BufferTooSmall, KVStoreError
-from kvstore.lmcache import chunks, naming
+from kvstore.lmcache import chunks
 
 log = logging.getLogger(__name__)
 PLUGIN_TYPE = "kvstore"
@@ -50,7 +51,7 @@ class KVStoreConnector(RemoteConnector):
         super().__init__(config, metadata)
         self.local_cpu_backend = local_cpu_backend
         self.store = store if store is not None else open_store_from(config.extra_config)
-        self.layout = self.store.config.key_layout
+        self.layout = self.store.config.lmcache.key_layout
         self.full_layout = chunks.ChunkLayout(list(self.meta_shapes), list(self.meta_dtypes), self.meta_fmt)
         self._prev: OrderedDict[str, str] = OrderedDict()
         self._prev_lock = threading.Lock()

@@ -12,7 +12,7 @@ Loaded by LMCache as::
 (``eviction``, ``serde``, ``persist_enabled``, ``affinity_tag``, ``shared``) go at the top level
 of the spec, next to ``adapter_params``: LMCache never looks for them inside it, so one found
 there is refused with a message saying where it belongs. Objects are named as the built-in S3 L2 adapter names
-them, so either can read the other's bucket (with ``key_layout`` flat). The adapter runs its own
+them, so either can read the other's bucket (with ``kvstore_key_layout`` flat). The adapter runs its own
 asyncio loop on a thread; all public methods are thread-safe.
 """
 
@@ -34,10 +34,11 @@ from lmcache.v1.memory_management import MemoryObj
 from lmcache.v1.platform import create_event_notifier
 
 import kvstore
+from kvstore import naming
 from kvstore.backends.base import LIST_PAGE
 from kvstore.config import StoreConfig
 from kvstore.errors import KVStoreError
-from kvstore.lmcache import chunks, config_gen, naming
+from kvstore.lmcache import chunks, config_gen
 
 log = logging.getLogger(__name__)
 DELETE_TIMEOUT_S = 30.0
@@ -74,9 +75,9 @@ class KVStoreL2Adapter(L2AdapterInterface):
         if isinstance(config, dict):
             config = KVStoreL2AdapterConfig.from_dict(config)
         store_config = config.store_config
-        super().__init__(max_capacity_bytes=store_config.capacity_bytes)
+        super().__init__(max_capacity_bytes=store_config.lmcache.capacity_bytes)
         self.store = kvstore.open_config(store_config)
-        self.layout = store_config.key_layout
+        self.layout = store_config.lmcache.key_layout
         self._store_efd = create_event_notifier()
         self._lookup_efd = create_event_notifier()
         self._load_efd = create_event_notifier()

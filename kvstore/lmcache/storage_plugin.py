@@ -16,6 +16,7 @@ Pinning is local: a pinned key is not removed unless ``remove(force=True)``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import threading
@@ -182,7 +183,7 @@ class KVStoreStoragePlugin(StoragePluginInterface):
         future = self._run(watched())
         try:
             return future.result(self.timeout_s)
-        except TimeoutError:
+        except (TimeoutError, concurrent.futures.TimeoutError):  # distinct classes before 3.11
             if not future.cancel():  # it finished in the meantime: its answer stands
                 return future.result()
             if not ended.wait(CANCEL_SETTLE_S):

@@ -2,8 +2,10 @@
 
 One ``S3Client`` per backend. PUT_OBJECT and GET_OBJECT let the CRT split large objects into
 parts (multipart upload, parallel ranged GETs); every other call is a plain signed request.
-Each request waits on its future for what is left of the operation's deadline
-(``call.remaining``) and is cancelled after that. Reads land in the caller's buffer one part at
+Every operation is a coroutine (``AsyncBackend``): a request awaits the CRT's future on the
+caller's event loop, so any number in flight cost no thread of ours, for what is left of the
+operation's deadline (``call.remaining``), and is cancelled after that or when the awaiting task
+is cancelled; the blocking methods run the same coroutines on the backend's loop thread. Reads land in the caller's buffer one part at
 a time, at the part's offset, under the call's buffer lease: no full-size intermediate, and no
 write after a cancel, timeout or close has returned. Uploads carry ``x-amz-checksum-crc32c``
 (per part for multipart) so that servers that validate refuse damaged bytes. Retries belong to
@@ -12,13 +14,15 @@ write after a cancel, timeout or close has returned. Uploads carry ``x-amz-check
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
 import io
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from urllib.parse import urlsplit
 
 from awscrt import auth as crt_auth
@@ -27,7 +31,8 @@ from awscrt import io as crt_io
 from awscrt import s3 as crt_s3
 
 from kvstore.backends import call
-from kvstore.backends.base import Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
+from kvstore.backends.base import Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
+from kvstore.backends.coroutines import AsyncBackend, future_result
 from kvstore.backends.s3delete import HeadThenDelete
 from kvstore.backends.s3errors import from_status
 from kvstore.errors import BucketNotFound, StoreTimeout, StoreUnavailable
@@ -112,7 +117,7 @@ def default_io_threads() -> int:
     return max(4, min(usable, 16))
 
 
-class CrtBackend(HeadThenDelete, Backend):
+class CrtBackend(HeadThenDelete, AsyncBackend):
     capabilities = Capabilities(conditional_put=True)
 
     def __init__(self, config) -> None:
@@ -200,14 +205,22 @@ class CrtBackend(HeadThenDelete, Backend):
             lease.on_revoke(_stopper(pending))
         return pending
 
-    def _wait(self, pending: _Pending) -> None:
-        """Wait for ``pending`` until its deadline; cancel it and raise StoreTimeout after that."""
+    async def _wait(self, pending: _Pending) -> None:
+        """Await ``pending`` until its deadline; cancel it and raise StoreTimeout after that.
+
+        A cancel of the awaiting task cancels the request (without waiting for it to settle:
+        the caller's lease, revoked by the store, keeps its buffer safe) and propagates.
+        """
+        finished = future_result(pending.request.finished_future)
         try:
-            pending.request.finished_future.result(timeout=max(0.0, pending.deadline - time.monotonic()))
-        except concurrent.futures.TimeoutError as exc:
-            self._give_up(pending)
+            await asyncio.wait_for(finished, timeout=max(0.0, pending.deadline - time.monotonic()))
+        except asyncio.TimeoutError as exc:  # not the builtin TimeoutError before 3.11
+            await self._give_up(pending)
             raise StoreTimeout(f"{pending.what}: no answer within {pending.budget:.3g} s "
                                f"(timeout_s {self.config.timeout_s:g})") from exc
+        except asyncio.CancelledError:
+            pending.stop()
+            raise
         except call.CallAbandoned:
             raise
         except Abandoned as exc:
@@ -231,17 +244,21 @@ class CrtBackend(HeadThenDelete, Backend):
             # A traceback that keeps this frame alive must not keep the request (and so the client) alive.
             pending.request = None
 
-    def _give_up(self, pending: _Pending) -> None:
+    async def _give_up(self, pending: _Pending) -> None:
         pending.abandon()
-        pending.request.cancel()
-        concurrent.futures.wait([pending.request.finished_future], timeout=CANCEL_GRACE_S)
+        request = pending.request
+        if request is None:
+            return
+        request.cancel()
+        with contextlib.suppress(BaseException):  # it settles with the cancel's error, or ends anyway
+            await asyncio.wait_for(future_result(request.finished_future), CANCEL_GRACE_S)
 
-    def _call(self, what: str, method: str, path: str, **kwargs) -> Collect:
+    async def _call(self, what: str, method: str, path: str, **kwargs) -> Collect:
         pending = self._start(what, method, path, **kwargs)
-        self._wait(pending)
+        await self._wait(pending)
         return pending.sink
 
-    def _miss(self, what: str, missing: ObjectMissing) -> None:
+    async def _miss(self, what: str, missing: ObjectMissing) -> None:
         """Return (a plain miss) when the bucket exists; raise BucketNotFound when it does not.
 
         A GET's NoSuchKey already says so; a bare 404 (every HEAD) needs the bucket probed, which
@@ -250,29 +267,29 @@ class CrtBackend(HeadThenDelete, Backend):
         if missing.code == "NoSuchKey" or time.monotonic() < self._bucket_seen_until:
             return
         try:
-            self._call(f"{what}: probing the bucket", "HEAD", self._path(None), operation="HeadBucket")
+            await self._call(f"{what}: probing the bucket", "HEAD", self._path(None), operation="HeadBucket")
         except ObjectMissing as exc:
             raise BucketNotFound(f"{what}: the bucket {self.config.bucket!r} does not exist "
                                  f"(HEAD of the bucket: HTTP 404)") from exc
 
     # -- objects -----------------------------------------------------------------------------
-    def put(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
+    async def aput(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
         headers = {"Content-Length": str(len(data)), "Content-Type": "application/octet-stream"}
         headers.update({META_PREFIX + k: v for k, v in metadata.items()})
         if if_absent:
             headers["If-None-Match"] = "*"
         sink = Collect()
         body = ViewReader(data, sink.abandoned)
-        self._call(f"put {name!r}", "PUT", self._path(name), headers=headers, body=body,
-                   kind=crt_s3.S3RequestType.PUT_OBJECT, sink=sink)
+        await self._call(f"put {name!r}", "PUT", self._path(name), headers=headers, body=body,
+                         kind=crt_s3.S3RequestType.PUT_OBJECT, sink=sink)
 
-    def _read(self, name: str, buffer: memoryview | None, on_chunk: OnChunk | None = None) -> Sink | None:
+    async def _read(self, name: str, buffer: memoryview | None, on_chunk: OnChunk | None = None) -> Sink | None:
         what = f"get {name!r}"
         sink = Sink(name, buffer, on_chunk, call.lease())
         try:
-            self._call(what, "GET", self._path(name), kind=crt_s3.S3RequestType.GET_OBJECT, sink=sink)
+            await self._call(what, "GET", self._path(name), kind=crt_s3.S3RequestType.GET_OBJECT, sink=sink)
         except ObjectMissing as exc:
-            self._miss(what, exc)
+            await self._miss(what, exc)
             return None
         except StoreUnavailable as exc:
             quirk = getattr(exc.__cause__, "name", None) in EMPTY_RANGE_SYMPTOMS
@@ -280,7 +297,7 @@ class CrtBackend(HeadThenDelete, Backend):
                 raise
             # Servers answer the CRT's ranged GET of an empty object with 416 (Ceph RGW, SeaweedFS),
             # 200, or 206 with an odd or no Content-Range (s3rver): HEAD tells whether it is empty.
-            info = self.head(name)
+            info = await self.ahead(name)
             if info is None:
                 return None
             if info.size != 0:
@@ -291,12 +308,12 @@ class CrtBackend(HeadThenDelete, Backend):
             sink.size, sink.metadata = 0, dict(info.metadata)
         return sink
 
-    def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
-        sink = self._read(name, buffer, on_chunk)
+    async def aget_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
+        sink = await self._read(name, buffer, on_chunk)
         return None if sink is None else sink.result()
 
-    def get(self, name: str) -> tuple[bytes | memoryview, ReadResult] | None:
-        sink = self._read(name, None)
+    async def aget(self, name: str) -> tuple[bytes | memoryview, ReadResult] | None:
+        sink = await self._read(name, None)
         if sink is None:
             return None
         result = sink.result()
@@ -304,31 +321,31 @@ class CrtBackend(HeadThenDelete, Backend):
             return sink.whole, result
         return (sink.buffer if sink.buffer is not None else memoryview(b"")), result
 
-    def head(self, name: str) -> ObjectInfo | None:
-        return self._finish_head(name, self._start_head(name))
+    async def ahead(self, name: str) -> ObjectInfo | None:
+        return await self._finish_head(name, self._start_head(name))
 
     def _start_head(self, name: str) -> _Pending:
         return self._start(f"head {name!r}", "HEAD", self._path(name), operation="HeadObject")
 
-    def _finish_head(self, name: str, pending: _Pending) -> ObjectInfo | None:
+    async def _finish_head(self, name: str, pending: _Pending) -> ObjectInfo | None:
         try:
-            self._wait(pending)
+            await self._wait(pending)
         except ObjectMissing as exc:
-            self._miss(pending.what, exc)
+            await self._miss(pending.what, exc)
             return None
         sink: Collect = pending.sink
         etag = header(sink.headers, "etag")
         return ObjectInfo(name, object_size(sink.headers) or 0, user_metadata(sink.headers),
                           http_date(header(sink.headers, "last-modified")), etag.strip('"') if etag else None)
 
-    def _send_delete(self, names: list[str]) -> None:
+    async def _send_delete(self, names: list[str]) -> None:
         if len(names) == 1:
-            self._call(f"delete {names[0]!r}", "DELETE", self._path(names[0]), operation="DeleteObject")
+            await self._call(f"delete {names[0]!r}", "DELETE", self._path(names[0]), operation="DeleteObject")
             return
         for batch in iter_batches(names):
             body = delete_body(batch)
             key, value = body_checksum_header(body, self.config.s3express)
-            answer = self._call(
+            answer = await self._call(
                 f"delete_many ({len(batch)} objects)", "POST", self._path(None, "delete"),
                 headers={"Content-Length": str(len(body)), "Content-Type": "application/xml", key: value},
                 body=io.BytesIO(body), operation="DeleteObjects")
@@ -338,10 +355,7 @@ class CrtBackend(HeadThenDelete, Backend):
                 # The call itself succeeded (HTTP 200); the per-object code decides the error.
                 raise from_status(200, code, f"delete_many: {len(failures)} objects not deleted, first {name!r}")
 
-    def _present(self, names: list[str]) -> list[bool]:
-        return self._head_all(names)
-
-    def _head_all(self, names: list[str]) -> list[bool]:
+    async def _present(self, names: list[str]) -> list[bool]:
         """Whether each object exists, with up to max_inflight HEADs in flight at once."""
         found: list[bool] = []
         window = max(1, self.config.max_inflight)
@@ -349,17 +363,18 @@ class CrtBackend(HeadThenDelete, Backend):
             chunk = names[start:start + window]
             pending = [self._start_head(n) for n in chunk]
             try:
-                found.extend(self._finish_head(n, p) is not None for n, p in zip(chunk, pending))
+                for n, p in zip(chunk, pending):
+                    found.append(await self._finish_head(n, p) is not None)
             finally:
                 for p in pending:  # an error part-way: settle the rest before leaving
                     if p.request is not None:
-                        self._give_up(p)
+                        await self._give_up(p)
                         with self._lock:
                             self._inflight.discard(p)
                         p.request = None
         return found
 
-    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[list[ObjectInfo]]:
+    async def alist_pages(self, prefix: str, start_after: str | None = None) -> AsyncIterator[list[ObjectInfo]]:
         token: str | None = None
         seen: set[str] = set()
         while True:
@@ -368,7 +383,7 @@ class CrtBackend(HeadThenDelete, Backend):
                 params.append(("continuation-token", token))
             elif start_after is not None:
                 params.append(("start-after", start_after))
-            answer = self._call("list", "GET", self._path(None, encode_query(params)), operation="ListObjectsV2")
+            answer = await self._call("list", "GET", self._path(None, encode_query(params)), operation="ListObjectsV2")
             entries, token = parse_list_page(bytes(answer.body), f"list {prefix!r}")
             yield [ObjectInfo(name, size, {}, modified, etag) for name, size, modified, etag in entries]
             if not token:
@@ -389,6 +404,7 @@ class CrtBackend(HeadThenDelete, Backend):
         shutdown = self._client.shutdown_event
         self._client = None
         shutdown.wait(SHUTDOWN_WAIT_S)
+        super().close()
 
 def _cancel_all(pending: list) -> None:
     """Cancel every request and wait for them to settle, CANCEL_GRACE_S at most in all.
@@ -400,3 +416,7 @@ def _cancel_all(pending: list) -> None:
         p.abandon()
         request.cancel()
     concurrent.futures.wait([request.finished_future for _, request in pending], timeout=CANCEL_GRACE_S)
+    # A coroutine still awaiting one of them (its loop may be the very one calling close) would
+    # keep the request, and so the client, alive: it finds the request gone when it resumes.
+    for p, _ in pending:
+        p.request = None

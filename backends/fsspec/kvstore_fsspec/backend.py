@@ -1,13 +1,16 @@
 """Any fsspec filesystem as an object store: s3fs for S3 profiles, ``fsspec.url_to_fs`` for the rest.
 
 Object names live under a root (the bucket for S3, the URL's path otherwise) as ``ROOT/NAME``.
-For S3 every request goes through ``kvstore_fsspec.s3`` (aiobotocore on s3fs's loop,
-bounded by the operation's deadline); other filesystems use fsspec's blocking API.
+``FsspecBackend(config)`` is one of two classes. For an S3 profile it is
+``kvstore_fsspec.s3.FsspecS3Backend``: the operations are coroutines on s3fs's aiobotocore
+client (``AsyncBackend``), which asyncio callers await with no thread per request and blocking
+callers run through ``run_bounded`` on s3fs's loop. Any other filesystem is this class itself:
+fsspec's blocking API, which the base class runs on its bounded pool for asyncio callers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import fsspec
@@ -28,27 +31,31 @@ from kvstore.errors import (
 class FsspecBackend(Backend):
     capabilities = Capabilities(conditional_put=True)
 
+    def __new__(cls, config: Any) -> FsspecBackend:
+        """An S3 profile gets the asynchronous subclass; every other filesystem this blocking class."""
+        chosen: type[FsspecBackend] = cls
+        if cls is FsspecBackend and config.is_s3:
+            from kvstore_fsspec.s3 import FsspecS3Backend
+
+            chosen = FsspecS3Backend
+        return super().__new__(chosen)
+
     def __init__(self, config) -> None:
         super().__init__(config)
-        self._s3 = None
-        if config.is_s3:
-            from kvstore_fsspec.s3 import S3Ops
+        self.fs, self.root = self._filesystem(config)
 
-            self._s3 = S3Ops(config)
-            self.fs, self.root = self._s3.fs, config.bucket
-            return
+    def _filesystem(self, config) -> tuple[Any, str]:
+        """The fsspec filesystem, and the root object names live under."""
+        self.capabilities = Capabilities(metadata=False, conditional_put=False)  # S3 features here
         if config.profile == "file":
             from fsspec.implementations.local import LocalFileSystem
 
-            self.fs = LocalFileSystem()
-            self.root = config.location.rstrip("/")
-        else:
-            try:
-                self.fs, self.root = fsspec.url_to_fs(config.location, skip_instance_cache=True)
-            except (ImportError, ValueError) as exc:
-                raise ConfigError(f"fsspec cannot open {config.location!r}: {exc}", key="kvstore_url") from exc
-            self.root = self.root.rstrip("/")
-        self.capabilities = Capabilities(metadata=False, conditional_put=False)  # S3 features here
+            return LocalFileSystem(), config.location.rstrip("/")
+        try:
+            fs, root = fsspec.url_to_fs(config.location, skip_instance_cache=True)
+        except (ImportError, ValueError) as exc:
+            raise ConfigError(f"fsspec cannot open {config.location!r}: {exc}", key="kvstore_url") from exc
+        return fs, root.rstrip("/")
 
     # -- names and errors (filesystems other than S3) -----------------------------------------
     def _path(self, name: str) -> str:
@@ -80,8 +87,6 @@ class FsspecBackend(Backend):
 
     # -- operations ----------------------------------------------------------------------------
     def put(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
-        if self._s3 is not None:
-            return self._s3.put(name, data, metadata, if_absent)
         path = self._path(name)
         try:
             self._put_file(path, data, if_absent)
@@ -103,8 +108,6 @@ class FsspecBackend(Backend):
             f.commit()
 
     def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
-        if self._s3 is not None:
-            return self._s3.get_into(name, buffer, on_chunk)
         path = self._path(name)
         try:
             with self.fs.open(path, "rb", cache_type="none") as f:
@@ -121,8 +124,6 @@ class FsspecBackend(Backend):
             raise self._error(exc, f"GET {name!r}") from exc
 
     def head(self, name: str) -> ObjectInfo | None:
-        if self._s3 is not None:
-            return self._s3.head(name)
         try:
             info = self.fs.info(self._path(name))
         except FileNotFoundError:
@@ -135,8 +136,6 @@ class FsspecBackend(Backend):
         return _info(name, info)
 
     def delete(self, name: str) -> bool:
-        if self._s3 is not None:
-            return self._s3.delete(name)
         if self.head(name) is None:
             return False
         try:
@@ -147,21 +146,7 @@ class FsspecBackend(Backend):
             raise self._error(exc, f"DELETE {name!r}") from exc
         return True
 
-    def delete_many(self, names: list[str]) -> list[bool]:
-        if self._s3 is not None:
-            return self._s3.delete_many(names)
-        return [self.delete(name) for name in names]
-
-    def discard_many(self, names: list[str]) -> None:
-        if self._s3 is not None:
-            self._s3.discard_many(names)
-        else:
-            self.delete_many(names)
-
-    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[list[ObjectInfo]]:
-        if self._s3 is not None:
-            yield from self._s3.list_pages(prefix, start_after)
-            return
+    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[Sequence[ObjectInfo]]:
         # A generic filesystem has no pages: find() walks the directory holding the prefix whole,
         # and its answer is sorted here (S3's order), then handed out a page at a time.
         directory = prefix.rpartition("/")[0]
@@ -179,7 +164,9 @@ class FsspecBackend(Backend):
         yield from pages_of(infos, prefix, start_after)
 
     def close(self) -> None:
-        pass  # fsspec owns its loop thread and connection pool for the process
+        # fsspec owns its filesystems' loop thread and connections for the process; the base
+        # class's pool (asyncio callers of a blocking filesystem) is ours.
+        super().close()
 
 
 def _info(name: str, info: Mapping) -> ObjectInfo:

@@ -1,25 +1,32 @@
-"""The S3 side of the fsspec backend: aiobotocore calls on s3fs's own loop, each one bounded.
+"""The S3 side of the fsspec backend: aiobotocore calls on s3fs's own loop, written once as coroutines.
 
 s3fs's blocking wrappers wait without end (a server that withholds ``100 Continue`` kept a PUT
 running for minutes) and its ``exists()`` turns every error into False. So every request is
-made here on the aiobotocore client s3fs holds, run on s3fs's loop through ``run_bounded``:
-it ends at the operation's deadline or when the caller's buffer lease is revoked, and its
-coroutine is cancelled before the call returns. Errors are translated from botocore's own
-answer (status and S3 code), never guessed from a message.
+made here on the aiobotocore client s3fs holds. That client belongs to s3fs's loop
+(``fs.loop``, fsspec's IO thread), so each request runs there, whoever awaits it
+(``on_loop``): an asyncio caller's coroutine schedules it on that loop and awaits it from its
+own with no thread in between, for what is left of the operation's deadline, and cancels it on
+s3fs's loop when the awaiting task is cancelled or the caller's buffer lease is revoked. The
+blocking methods are ``AsyncBackend``'s mirrors, run by ``run_bounded`` on s3fs's loop itself.
+Errors are translated from botocore's own answer (status and S3 code), never guessed from a
+message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import re
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from kvstore.backends import call
 from kvstore.backends.base import PIECE, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
+from kvstore.backends.coroutines import CANCEL_GRACE_S, AsyncBackend, LoopThread, future_result
 from kvstore.backends.s3delete import HeadThenDelete
 from kvstore.backends.s3errors import from_status
-from kvstore.backends.s3probe import BucketProbe, crc32c_b64, crc32c_b64_of, run_bounded
+from kvstore.backends.s3probe import BucketProbe, crc32c_b64, crc32c_b64_of
 from kvstore.errors import (
     BackendUnavailable,
     BucketNotFound,
@@ -29,7 +36,9 @@ from kvstore.errors import (
     StoreTimeout,
     StoreUnavailable,
 )
+from kvstore_fsspec.backend import FsspecBackend
 
+T = TypeVar("T")
 _HEAD_CONCURRENCY = 16
 _DELETE_BATCH = 1000
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
@@ -39,28 +48,100 @@ _RESEND_CODES = {"BadDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256M
 _CONNECTION_NAMES = re.compile(r"Connect|ServerDisconnected|ClientOSError|ClientPayloadError|ResponseStreamingError")
 
 
-class S3Ops(HeadThenDelete):
-    """One bucket through s3fs's aiobotocore client; names are full object names (prefix included)."""
+async def on_loop(loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[T]], what: str, timeout_s: float) -> T:
+    """Await ``make()`` run on ``loop``, from whichever loop is running, within the call's deadline.
+
+    From another loop it is scheduled on ``loop`` (in a copy of the caller's context, so it sees
+    the same ``call.current()``) and awaited without a thread in between. At the deadline it is
+    cancelled there, given ``CANCEL_GRACE_S`` to end, and ``StoreTimeout`` is raised; a cancel
+    of the awaiting task cancels it there too and propagates; a revoke of the caller's buffer
+    lease (``close()``) cancels it and raises ``CallAbandoned``. On ``loop`` itself (the
+    blocking mirror, whose ``run_bounded`` watches the lease) it is awaited under the deadline.
+    The coroutine's own exceptions come through unchanged; a ``TimeoutError`` of its own must be
+    a ``KVStoreError`` (``StoreTimeout``), or it reads as the deadline.
+    """
+    budget = call.remaining(timeout_s)
+    if budget <= 0:
+        raise StoreTimeout(f"{what}: the operation's deadline ({timeout_s:g} s) has passed")
+    if asyncio.get_running_loop() is loop:
+        try:
+            return await asyncio.wait_for(make(), budget)
+        except asyncio.TimeoutError as exc:
+            if isinstance(exc, KVStoreError):  # the coroutine's own StoreTimeout
+                raise
+            raise StoreTimeout(f"{what}: no answer within the deadline ({timeout_s:g} s)") from exc
+
+    ended: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    async def guarded() -> T:
+        try:
+            return await make()
+        finally:
+            ended.set_result(None)
+
+    future = asyncio.run_coroutine_threadsafe(guarded(), loop)
+    lease = call.lease()
+    if lease is not None:
+        lease.on_revoke(future.cancel)
+    try:
+        return await asyncio.wait_for(future_result(future), budget)
+    except asyncio.TimeoutError as exc:
+        if isinstance(exc, KVStoreError):  # the coroutine's own StoreTimeout (it raises no other kind)
+            raise
+        future.cancel()
+        with contextlib.suppress(Exception):  # it ends at its next await: wait for that, briefly
+            await asyncio.wait_for(future_result(ended), CANCEL_GRACE_S)
+        raise StoreTimeout(f"{what}: no answer within the deadline ({timeout_s:g} s)") from exc
+    except concurrent.futures.CancelledError as exc:  # cancelled over there: the lease was revoked
+        raise call.CallAbandoned(f"{what}: the call was abandoned") from exc
+    except asyncio.CancelledError:
+        future.cancel()  # the awaiting task was cancelled: so is the request, on s3fs's loop
+        raise
+
+
+class _S3fsLoop(LoopThread):
+    """s3fs's own loop (fsspec's IO thread) lent to the blocking mirrors; fsspec keeps it running."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:  # starts no thread: the loop is fsspec's
+        self.loop = loop
+
+    def close(self) -> None:
+        pass
+
+
+class FsspecS3Backend(HeadThenDelete, AsyncBackend, FsspecBackend):
+    """One bucket through s3fs's aiobotocore client; names are full object names (prefix included).
+
+    What ``FsspecBackend(config)`` is for an S3 profile: its coroutines are the operations, and
+    the blocking methods run them on s3fs's loop (``AsyncBackend``'s mirrors).
+    """
 
     def __init__(self, config) -> None:
-        self.config = config
-        self.fs = _s3_filesystem(config)
+        super().__init__(config)
         self.bucket = config.bucket
         self._probe = BucketProbe()
+        # The mirrors' loop is s3fs's, where the client lives: no loop thread of our own.
+        self._loop_thread = _S3fsLoop(self.fs.loop)
+
+    def _filesystem(self, config) -> tuple[Any, str]:
+        return _s3_filesystem(config), config.bucket
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        return self.fs.loop
 
     # -- running and errors -------------------------------------------------------------------
-    def _run(self, what: str, work: Callable[[Any], Any]) -> Any:
+    async def _run(self, what: str, work: Callable[[Any], Awaitable[T]]) -> T:
         """``await work(client)`` on s3fs's loop within the deadline; failures as kvstore errors."""
-        async def go() -> Any:
-            await self.fs.set_session()
-            return await work(await self.fs.get_s3(self.bucket))
+        async def go() -> T:
+            try:
+                await self.fs.set_session()
+                return await work(await self.fs.get_s3(self.bucket))
+            except KVStoreError:
+                raise
+            except Exception as exc:
+                raise self._error(exc, what) from exc
 
-        try:
-            return run_bounded(self.fs.loop, go(), what, self.config.timeout_s)
-        except KVStoreError:
-            raise
-        except Exception as exc:
-            raise self._error(exc, what) from exc
+        return await on_loop(self.fs.loop, go, what, self.config.timeout_s)
 
     def _error(self, exc: BaseException, what: str) -> KVStoreError:
         response = getattr(exc, "response", None)
@@ -94,15 +175,15 @@ class S3Ops(HeadThenDelete):
             self._probe.seen()
         return True
 
-    def _confirm_bucket(self, name: str) -> None:
-        def probe() -> None:
-            self._run(f"probe bucket {self.bucket!r}",
-                      lambda s3: s3.list_objects_v2(Bucket=self.bucket, Prefix=name, MaxKeys=1))
+    async def _confirm_bucket(self, name: str) -> None:
+        async def probe() -> None:
+            await self._run(f"probe bucket {self.bucket!r}",
+                            lambda s3: s3.list_objects_v2(Bucket=self.bucket, Prefix=name, MaxKeys=1))
 
-        self._probe.confirm(probe)
+        await self._probe.confirm(probe)
 
     # -- operations ----------------------------------------------------------------------------
-    def put(self, name: str, data: memoryview, metadata: Mapping[str, str], if_absent: bool) -> None:
+    async def aput(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
         # With checksums on, the server checks the bytes that arrive against the CRC32C of the bytes
         # sent: computed here, not copied from the metadata, which a caller may set to anything.
         checked = crc32c_b64(metadata) is not None
@@ -110,10 +191,10 @@ class S3Ops(HeadThenDelete):
         match = {"IfNoneMatch": "*"} if if_absent else {}
         if len(data) <= self.config.part_size:
             checksum = {"ChecksumCRC32C": crc32c_b64_of(data)} if checked else {}
-            self._run(f"PUT {name!r}", lambda s3: s3.put_object(
+            await self._run(f"PUT {name!r}", lambda s3: s3.put_object(
                 Bucket=self.bucket, Key=name, Body=_as_bytes(data), **extra, **match, **checksum))
         else:
-            self._run(f"PUT {name!r}", lambda s3: self._multipart(s3, name, data, extra, match, checked))
+            await self._run(f"PUT {name!r}", lambda s3: self._multipart(s3, name, data, extra, match, checked))
         self._probe.seen()
 
     async def _multipart(self, s3, name: str, data: memoryview, extra: dict, match: dict, checksum: bool) -> None:
@@ -140,8 +221,8 @@ class S3Ops(HeadThenDelete):
             asyncio.ensure_future(_quietly(s3.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)))
             raise
 
-    def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None) -> ReadResult | None:
-        lease = call.lease()  # taken here: the copies run on the loop thread
+    async def aget_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
+        lease = call.lease()  # taken here: the copies run on s3fs's loop
 
         async def read(s3) -> ReadResult | None:
             try:
@@ -167,14 +248,14 @@ class S3Ops(HeadThenDelete):
                 body.close()
             return ReadResult(size, dict(response.get("Metadata") or {}))
 
-        result = self._run(f"GET {name!r}", read)
+        result = await self._run(f"GET {name!r}", read)
         if result is None:
-            self._confirm_bucket(name)
+            await self._confirm_bucket(name)
         else:
             self._probe.seen()
         return result
 
-    def head(self, name: str) -> ObjectInfo | None:
+    async def ahead(self, name: str) -> ObjectInfo | None:
         async def head(s3) -> ObjectInfo | None:
             try:
                 out = await s3.head_object(Bucket=self.bucket, Key=name)
@@ -186,14 +267,14 @@ class S3Ops(HeadThenDelete):
             return ObjectInfo(name, out["ContentLength"], dict(out.get("Metadata") or {}),
                               modified.timestamp() if modified else None, out.get("ETag"))
 
-        info = self._run(f"HEAD {name!r}", head)
+        info = await self._run(f"HEAD {name!r}", head)
         if info is None:
-            self._confirm_bucket(name)
+            await self._confirm_bucket(name)
         else:
             self._probe.seen()
         return info
 
-    def _send_delete(self, names: list[str]) -> None:
+    async def _send_delete(self, names: list[str]) -> None:
         async def delete(s3) -> None:
             if len(names) == 1:
                 await s3.delete_object(Bucket=self.bucket, Key=names[0])
@@ -205,12 +286,9 @@ class S3Ops(HeadThenDelete):
                     first = out["Errors"][0]
                     raise StoreUnavailable(f"DELETE {first.get('Key')!r}: {first.get('Code')}", retryable=False)
 
-        self._run(f"DELETE {names[0]!r}" if len(names) == 1 else f"DELETE {len(names)} objects", delete)
+        await self._run(f"DELETE {names[0]!r}" if len(names) == 1 else f"DELETE {len(names)} objects", delete)
 
-    def _present(self, names: list[str]) -> list[bool]:
-        return self.present(names)
-
-    def present(self, names: list[str]) -> list[bool]:
+    async def _present(self, names: list[str]) -> list[bool]:
         """Whether each name exists: HEADs, many at once, in one bounded call."""
         async def every(s3) -> list[bool]:
             gate = asyncio.Semaphore(_HEAD_CONCURRENCY)
@@ -227,14 +305,14 @@ class S3Ops(HeadThenDelete):
 
             return list(await asyncio.gather(*(one(n) for n in names)))
 
-        found = self._run(f"HEAD {len(names)} objects", every)
+        found = await self._run(f"HEAD {len(names)} objects", every)
         if all(found):
             self._probe.seen()
         else:
-            self._confirm_bucket(names[found.index(False)])
+            await self._confirm_bucket(names[found.index(False)])
         return found
 
-    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[list[ObjectInfo]]:
+    async def alist_pages(self, prefix: str, start_after: str | None = None) -> AsyncIterator[list[ObjectInfo]]:
         token: str | None = None
         seen: set[str] = set()
         while True:
@@ -247,7 +325,7 @@ class S3Ops(HeadThenDelete):
             async def page(s3, args=args):
                 return await s3.list_objects_v2(**args)
 
-            answer = self._run(f"LIST {prefix!r}", page)
+            answer = await self._run(f"LIST {prefix!r}", page)
             self._probe.seen()
             out = []
             for item in answer.get("Contents") or ():
@@ -313,6 +391,10 @@ def _s3_filesystem(config):
             "connect_timeout": config.connect_timeout_s,
             "read_timeout": config.timeout_s,
             "retries": {"total_max_attempts": 1},  # the retry layer owns retries
+            # One connection per request KVStore lets in flight (botocore's default is 10): asyncio
+            # callers put them all on this one loop, and queued behind 10 sockets they would wait
+            # out their deadlines there.
+            "max_pool_connections": max(config.max_inflight, 10),
             # The CRC32C is sent explicitly (x-amz-checksum-crc32c) from the one the integrity
             # layer already computed; botocore would compute a second one.
             "request_checksum_calculation": "when_required",

@@ -1,4 +1,12 @@
-"""S3 through obstore (Rust object_store): one ``S3Store`` per backend, blocking calls that release the GIL.
+"""S3 through obstore (Rust object_store): one ``S3Store`` per backend, driven through its asyncio API.
+
+Every operation is a coroutine (``AsyncBackend``) that awaits obstore's ``*_async`` calls on
+whatever loop runs it (they run on obstore's tokio runtime and complete on the awaiting loop, so
+one ``S3Store`` serves any number of loops, and a read in flight costs no thread): the caller's
+on the asyncio path, the backend's own loop thread for the blocking mirrors. Each request is a
+task bounded by what is left of the call's deadline, and cancelled (its obstore future and body
+stream dropped) at the deadline, when the caller's buffer lease is revoked, or when the awaiting
+task is cancelled.
 
 obstore retries, hashes every PUT body (SigV4 signed payload) and normalises paths by default. Here
 retries are off (the retry layer owns them), the payload is sent unsigned (integrity is the
@@ -13,9 +21,11 @@ rebuilt (so the next request creates a new session) and the failure is reported 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import re
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,10 +37,11 @@ if TYPE_CHECKING:
     from obstore.store import ClientConfig
 
 from kvstore.backends import call
-from kvstore.backends.base import LIST_PAGE, PIECE, Backend, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
+from kvstore.backends.base import LIST_PAGE, PIECE, Capabilities, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
+from kvstore.backends.coroutines import CANCEL_GRACE_S, AsyncBackend
 from kvstore.backends.s3delete import HeadThenDelete
 from kvstore.backends.s3errors import error_code, from_status
-from kvstore.backends.s3probe import BucketProbe, LoopThread, run_bounded
+from kvstore.backends.s3probe import BucketProbe
 from kvstore.errors import (
     AuthError,
     BucketNotFound,
@@ -52,7 +63,7 @@ _RESEND_CODES = {"BadDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256M
 T = TypeVar("T")
 
 
-class ObstoreBackend(HeadThenDelete, Backend):
+class ObstoreBackend(HeadThenDelete, AsyncBackend):
     capabilities = Capabilities(conditional_put=True)
 
     def __init__(self, config) -> None:
@@ -60,20 +71,20 @@ class ObstoreBackend(HeadThenDelete, Backend):
         self._store = _make_store(config)
         self._store_lock = threading.Lock()
         self._probe = BucketProbe()
-        # obstore's async API on a loop of our own: a call can then end at the operation's
-        # deadline, and a revoked lease drops its stream, neither of which the blocking API allows.
-        self._loop = LoopThread("kvstore-obstore")
 
-    # -- running, names and errors ------------------------------------------------------------
-    def _run(self, what: str, work: Callable[[S3Store], Awaitable[T]]) -> T:
-        """``await work(store)`` within the deadline; obstore failures as kvstore errors (a miss is ``_Miss``)."""
+    # -- requests, names and errors -----------------------------------------------------------
+    async def _call(self, what: str, work: Callable[[S3Store], Awaitable[T]]) -> T:
+        """``await work(store)`` within the call's deadline and lease; obstore failures as kvstore errors.
+
+        A miss is for ``work`` to return (``_Miss``): settling it may take a request of its own.
+        """
         store = self._store
 
-        async def go() -> T:  # obstore's async calls need the running loop: start them on it
+        async def request() -> T:  # obstore's async calls need the running loop: start them on it
             return await work(store)
 
         try:
-            return run_bounded(self._loop.loop, go(), what, self.config.timeout_s)
+            return await _bounded(what, request(), self.config.timeout_s)
         except KVStoreError:
             raise
         except Exception as exc:
@@ -113,83 +124,78 @@ class ObstoreBackend(HeadThenDelete, Backend):
             return StoreUnavailable(f"{what}: {message}", connection=True)
         return StoreUnavailable(f"{what}: {message}", retryable=False)
 
-    def _miss(self, miss: _Miss, name: str, what: str) -> None:
+    async def _miss(self, miss: _Miss, name: str, what: str) -> None:
         """A 404: a miss when the bucket exists, ``BucketNotFound`` otherwise (a HEAD 404 has no body)."""
         if error_code(str(miss.exc)) == "NoSuchBucket":
             raise self._error(miss.exc, what) from miss.exc
         # A directory listing under the name: one small request, and NoSuchBucket when it is gone.
-        self._probe.confirm(lambda: self._run(f"probe bucket {self.config.bucket!r}",
-                                              lambda store: obstore.list_with_delimiter_async(store, prefix=name)))
+        await self._probe.confirm(lambda: self._call(
+            f"probe bucket {self.config.bucket!r}", lambda store: obstore.list_with_delimiter_async(store, prefix=name)))
 
     # -- operations ----------------------------------------------------------------------------
-    def put(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
+    async def aput(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
         # obstore cannot send x-amz-checksum-crc32c (its checksum_algorithm offers SHA256 and
         # CRC64NVME only, and attributes become x-amz-meta-*): the CRC32C travels as metadata.
-        self._run(f"PUT {name!r}", lambda store: obstore.put_async(
+        await self._call(f"PUT {name!r}", lambda store: obstore.put_async(
             store, name, data, attributes=dict(metadata) or None, mode="create" if if_absent else "overwrite",
             chunk_size=self.config.part_size, use_multipart=len(data) > self.config.part_size))
         self._probe.seen()
 
-    def _fetch(self, name: str, what: str, read: Callable[[object], Awaitable[T]], head: bool = False) -> T | None:
-        """``read(obstore's GetResult)`` for ``name`` in one bounded call, or None on a miss."""
-        async def fetch(store: S3Store):
+    async def _fetch(self, name: str, what: str, read: Callable[[Any], Awaitable[T]], head: bool = False) -> T | None:
+        """``read(obstore's GetResult)`` for ``name`` in one bounded request, or None on a miss."""
+        async def fetch(store: S3Store) -> T | _Miss:
             try:
                 result = await obstore.get_async(store, name, options={"head": True} if head else None)
             except FileNotFoundError as exc:
                 return _Miss(exc)
             return await read(result)
 
-        found = self._run(f"{what} {name!r}", fetch)
+        found = await self._call(f"{what} {name!r}", fetch)
         if isinstance(found, _Miss):
-            self._miss(found, name, f"{what} {name!r}")
+            await self._miss(found, name, f"{what} {name!r}")
             return None
         self._probe.seen()
         return found
 
-    def get_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
-        lease = call.lease()  # taken here: the copies run on the loop thread
+    async def aget_into(self, name: str, buffer: memoryview, on_chunk: OnChunk | None = None) -> ReadResult | None:
+        lease = call.lease()
 
-        async def read(result) -> ReadResult:
+        async def read(result: Any) -> ReadResult:
             size = result.meta["size"]
             if size > len(buffer):
                 raise BufferTooSmall(name, size, len(buffer))
             done = 0
-            try:
-                # Pieces, not whole parts: a part-sized chunk is joined in Rust, then copied again from
-                # memory. 8 MiB reads at 16 in flight went from 1.6-2.0 to 1.9-2.4 GiB/s with 1 MiB
-                # pieces (256 and 64 KiB did the same), copied while they are still in cache.
-                async for chunk in result.stream(min_chunk_size=PIECE):
-                    end = done + len(chunk)
-                    if end > size:
-                        raise IntegrityError(f"{name!r} sent more than its advertised {size} bytes")
-                    done = call.land_piece(lease, buffer, done, chunk, on_chunk)
-            except obx.BaseError as exc:
-                raise self._error(exc, f"GET {name!r}") from exc
+            # Pieces, not whole parts: a part-sized chunk is joined in Rust, then copied again from
+            # memory. 8 MiB reads at 16 in flight went from 1.6-2.0 to 1.9-2.4 GiB/s with 1 MiB
+            # pieces (256 and 64 KiB did the same), copied while they are still in cache. A revoked
+            # lease cancels the request's task (``_bounded``): the pending piece and the stream go.
+            async for chunk in result.stream(min_chunk_size=PIECE):
+                if done + len(chunk) > size:
+                    raise IntegrityError(f"{name!r} sent more than its advertised {size} bytes")
+                done = call.land_piece(lease, buffer, done, chunk, on_chunk)
             if done != size:
                 raise IntegrityError(f"{name!r}: {done} of {size} bytes arrived")
             return ReadResult(size, _user_metadata(result.attributes))
 
-        return self._fetch(name, "GET", read)
+        return await self._fetch(name, "GET", read)
 
-    def get(self, name: str):
-        async def read(result):
-            try:
-                data = await result.bytes_async()
-            except obx.BaseError as exc:
-                raise self._error(exc, f"GET {name!r}") from exc
+    async def aget(self, name: str) -> tuple[bytes | bytearray | memoryview, ReadResult] | None:
+        """One GET (no HEAD first): obstore sizes the body itself."""
+        async def read(result: Any) -> tuple[memoryview, ReadResult]:
+            data = await result.bytes_async()
             if len(data) != result.meta["size"]:
                 raise IntegrityError(f"{name!r}: {len(data)} of {result.meta['size']} bytes arrived")
             return memoryview(data), ReadResult(len(data), _user_metadata(result.attributes))
 
-        return self._fetch(name, "GET", read)
+        return await self._fetch(name, "GET", read)
 
-    def head(self, name: str) -> ObjectInfo | None:
-        async def read(result) -> ObjectInfo:
+    async def ahead(self, name: str) -> ObjectInfo | None:
+        async def read(result: Any) -> ObjectInfo:
             return _info(result.meta, _user_metadata(result.attributes))
 
-        return self._fetch(name, "HEAD", read, head=True)
+        return await self._fetch(name, "HEAD", read, head=True)
 
-    def _send_delete(self, names: list[str]) -> None:
+    async def _send_delete(self, names: list[str]) -> None:
         async def delete(store: S3Store) -> _Miss | None:
             try:
                 await obstore.delete_async(store, names[0] if len(names) == 1 else names)  # DeleteObjects, 1000 a request
@@ -198,19 +204,19 @@ class ObstoreBackend(HeadThenDelete, Backend):
             return None
 
         what = f"DELETE {names[0]!r}" if len(names) == 1 else f"DELETE {len(names)} objects"
-        miss = self._run(what, delete)
+        miss = await self._call(what, delete)
         if miss is not None:  # S3 deletes a missing object with 204: a 404 may say the bucket is gone
-            self._miss(miss, names[0], what)
+            await self._miss(miss, names[0], what)
 
-    def _present(self, names: list[str]) -> list[bool]:
+    async def _present(self, names: list[str]) -> list[bool]:
         """HEAD every name, many at once, in one bounded call."""
         if not names:
             return []
 
-        async def every(store: S3Store) -> list:
+        async def every(store: S3Store) -> list[_Miss | bool]:
             gate = asyncio.Semaphore(_HEAD_CONCURRENCY)
 
-            async def one(name: str):
+            async def one(name: str) -> _Miss | bool:
                 async with gate:
                     try:
                         await obstore.head_async(store, name)
@@ -220,20 +226,20 @@ class ObstoreBackend(HeadThenDelete, Backend):
 
             return list(await asyncio.gather(*(one(n) for n in names)))
 
-        found = self._run(f"HEAD {len(names)} objects", every)
+        found = await self._call(f"HEAD {len(names)} objects", every)
         for name, one in zip(names, found):
             if isinstance(one, _Miss):
-                self._miss(one, name, f"HEAD {name!r}")
+                await self._miss(one, name, f"HEAD {name!r}")
         self._probe.seen()
         return [one is True for one in found]
 
-    def list_pages(self, prefix: str, start_after: str | None = None) -> Iterator[list[ObjectInfo]]:
+    async def alist_pages(self, prefix: str, start_after: str | None = None) -> AsyncIterator[list[ObjectInfo]]:
         # obstore lists whole "directories": ask for the one holding the prefix, filter the rest
         # here. One stream serves every page, so its continuation tokens carry the listing on in
         # the server's own order (a new stream per page would go by offset, which obstore filters
         # by name and which loses keys on servers that list in another order).
         directory = prefix.rpartition("/")[0] or None
-        stream = None
+        stream: Any = None
         slashed = start_after is not None and start_after.endswith("/")
 
         async def page(store: S3Store) -> Sequence[Any]:
@@ -243,7 +249,7 @@ class ObstoreBackend(HeadThenDelete, Backend):
             return await anext(stream, [])
 
         while True:
-            batch = self._run(f"LIST {prefix!r}", page)
+            batch = await self._call(f"LIST {prefix!r}", page)
             self._probe.seen()
             if not batch:
                 return
@@ -253,8 +259,50 @@ class ObstoreBackend(HeadThenDelete, Backend):
             yield [_info(meta, {}) for meta in batch
                    if meta["path"].startswith(prefix) and not (slashed and meta["path"] <= start_after)]
 
-    def close(self) -> None:
-        self._loop.close()
+
+async def _bounded(what: str, request: Coroutine[Any, Any, T], timeout_s: float) -> T:
+    """Await ``request``, run as a task of its own on the running loop, for what is left of the call's deadline.
+
+    At the deadline the task is cancelled (dropping obstore's future, and with it the request or
+    the body stream) and ``StoreTimeout`` is raised; when the caller's buffer lease is revoked,
+    from any thread, the task is cancelled the same way and ``CallAbandoned`` is raised. A cancel
+    of the awaiting task cancels the request too and propagates unchanged. The task runs in a
+    copy of this context, so ``request`` sees the same ``call.current()``; a task that is
+    cancelled gets ``CancelledError`` at its next await, so a piece it has not landed yet never lands.
+    """
+    lease = call.lease()
+    if lease is not None and lease.revoked:
+        request.close()
+        raise call.CallAbandoned(f"{what}: the call was abandoned")
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(request)
+    task.add_done_callback(_retrieve)
+    if lease is not None:
+        lease.on_revoke(functools.partial(_cancel_on, loop, task))
+    try:
+        await asyncio.wait((task,), timeout=call.remaining(timeout_s))
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not task.done():
+        task.cancel()
+        await asyncio.wait((task,), timeout=CANCEL_GRACE_S)  # it ends at its next await: let it go now
+        raise StoreTimeout(f"{what}: no answer within the deadline ({timeout_s:g} s)")
+    if task.cancelled():  # only a revoked lease cancels it while we wait
+        raise call.CallAbandoned(f"{what}: the call was abandoned")
+    return task.result()
+
+
+def _cancel_on(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` from any thread (a lease is revoked by whoever gave up: a canceller, ``close()``)."""
+    with contextlib.suppress(RuntimeError):  # the loop has closed: nothing of it runs any more
+        loop.call_soon_threadsafe(task.cancel)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a request's failure seen: one whose caller has gone (cancelled, timed out) is not an error to log."""
+    if not task.cancelled():
+        task.exception()
 
 
 class _Miss:

@@ -13,9 +13,8 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from kvstore.config import Credentials
+from kvstore.config import Credentials, Secret
 from kvstore.config.profiles import express_zone
-from kvstore.config.resolve import Secret
 from kvstore.errors import AuthError, BucketNotFound, IntegrityError, StoreTimeout, StoreUnavailable
 from kvstore.store import KVStore
 from kvstore.testing.conformance.cases import Skip, StoreFactory, _needs_s3, _random_bytes, _reopen, case

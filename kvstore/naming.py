@@ -1,5 +1,9 @@
 """Object names for LMCache chunks, compatible with LMCache's own S3 code by default.
 
+The LMCache adapter (``kvstore.lmcache``) and the offline tools (``kvstore.kv``) both name and
+read chunks through this module, so what one writes the other finds. The layout a store uses is
+its ``config.lmcache.key_layout`` (``kvstore_key_layout``).
+
 - non-MP chunks (``CacheEngineKey``): ``key.to_string().replace("/", "_")``, the name LMCache's
   ``S3Connector`` gives the object (it percent-quotes the request path; the server decodes it).
 - MP-mode chunks (``ObjectKey``): ``<model>@<kv_rank:08x>@<group:x>@<hash hex>[@<salt>]``, as
