@@ -96,6 +96,14 @@ def targets(results: list[Result], limits: dict[str, float], null_endpoint: bool
         raw = [x for x in (_find(results, n, op) for n in set(raw_names)) if x]
         best_cpu = min(raw, key=lambda r: r.cpu_s_per_gib, default=None)
         check(f"kvstore-crt CPU/GiB / best raw client's, {label}", cpu(_find(results, "kvstore-crt", op), best_cpu), 1.1, at_most=True)
+    # Through the asyncio API, as LMCache reads: against the fastest raw client and LMCache's connector.
+    crt_async = _find(results, "kvstore-crt-async", "read")
+    raw_reads = [x for x in (_find(results, n, "read") for n in set(raw_names) if n != "lmcache") if x]
+    fastest = max(raw_reads, key=lambda r: r.ops_per_s, default=None)
+    cheapest = min(raw_reads, key=lambda r: r.cpu_s_per_gib, default=None)
+    check("kvstore-crt-async / fastest raw client, GET", speed(crt_async, fastest), 1.0)
+    check("kvstore-crt-async / LMCache S3Connector, GET", speed(crt_async, _find(results, "lmcache", "read")), 1.2)
+    check("kvstore-crt-async CPU/GiB / cheapest raw client's, GET", cpu(crt_async, cheapest), 1.1, at_most=True)
     if null_endpoint:
         crt, tcp = _find(results, "kvstore-crt", "read"), limits.get("tcp_concurrent")
         check("kvstore-crt GET / loopback TCP (C streams)", crt.gib_per_s * GIB / tcp if crt and tcp else None, 0.5)
