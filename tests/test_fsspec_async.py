@@ -42,13 +42,6 @@ def open_store(server, bucket, proxy, **extra):
     return kvstore.open(f"s3://{bucket}/a", server.extra_config(**config))
 
 
-def innermost(store):
-    backend = store.backend
-    while hasattr(backend, "inner"):
-        backend = backend.inner
-    return backend
-
-
 def our_threads() -> int:
     """``threading.active_count()`` less the fault proxy's connection threads (``FaultProxy._serve``)."""
     return threading.active_count() - proxy_threads()
@@ -76,7 +69,7 @@ def wait_for_tasks(loop: asyncio.AbstractEventLoop, at_most: int, within: float)
 def test_64_concurrent_aget_into_add_no_thread_per_request(proxied):
     server, bucket, proxy = proxied
     with open_store(server, bucket, proxy, kvstore_max_inflight=128, kvstore_timeout_s=30) as store:
-        assert type(innermost(store)).__name__ == "FsspecS3Backend"
+        assert type(store.backend.unwrap()).__name__ == "FsspecS3Backend"
         for i in range(READS):  # one at a time: a batch would start KVStore's pool threads before the count
             store.put(f"k{i}", SMALL)
         buffers = [bytearray(len(SMALL)) for _ in range(READS)]
@@ -110,7 +103,7 @@ def test_a_cancelled_aget_into_stops_on_s3fs_loop_and_never_writes_afterwards(pr
     server, bucket, proxy = proxied
     with open_store(server, bucket, proxy, kvstore_timeout_s=20) as store:
         store.put("big", BIG)
-        loop = innermost(store).fs.loop
+        loop = store.backend.unwrap().fs.loop
         idle = loop_tasks(loop)
         buffer = bytearray(len(BIG))
 
@@ -145,7 +138,7 @@ def test_the_asyncio_path_honours_the_deadline_against_a_stalled_server(proxied,
     with open_store(server, bucket, proxy, kvstore_timeout_s=timeout_s, kvstore_max_retries=2) as store:
         store.put("slow", SMALL)
         store.get_into("slow", bytearray(len(SMALL)))  # warm: the session and a connection are open
-        loop = innermost(store).fs.loop
+        loop = store.backend.unwrap().fs.loop
         idle = loop_tasks(loop)
         threads = our_threads()
 

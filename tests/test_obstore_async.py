@@ -16,6 +16,7 @@ import pytest
 
 import kvstore
 from kvstore.backends import call
+from kvstore.bench.runner import os_threads
 from kvstore.errors import StoreTimeout, StoreUnavailable
 from kvstore.testing.faults import FaultProxy
 
@@ -51,17 +52,6 @@ def open_store(server, bucket, endpoint=None, **extra):
     return kvstore.open(f"s3://{bucket}/a", server.extra_config(**config))
 
 
-def _innermost(store):
-    backend = store.backend
-    while hasattr(backend, "inner"):
-        backend = backend.inner
-    return backend
-
-
-def _os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
-
-
 class _PeakThreads:
     """The most Python threads and OS threads seen (every 2 ms) while it runs; its own thread is in the baseline."""
 
@@ -73,12 +63,12 @@ class _PeakThreads:
     def _sample(self) -> None:
         while not self._stop.wait(0.002):
             self.python = max(self.python, threading.active_count())
-            self.os = max(self.os, _os_threads())
+            self.os = max(self.os, os_threads())
 
     def __enter__(self) -> _PeakThreads:
         self._thread.start()
         time.sleep(0.01)
-        self.python_before, self.os_before = threading.active_count(), _os_threads()
+        self.python_before, self.os_before = threading.active_count(), os_threads()
         self.python, self.os = self.python_before, self.os_before
         return self
 
@@ -111,7 +101,7 @@ def test_64_concurrent_aget_into_add_no_thread_per_read(moto, bucket):
         # GIL: the pool grows with the completions that queue for it (5 to 23 for 64 reads here) and
         # is reused, never one per read. A thread per read shows in Python's count above.
         assert peak.os - peak.os_before < n, f"{peak.os - peak.os_before} OS threads for {n} reads"
-        assert _innermost(store)._loop_thread is None, "the asyncio path started the blocking mirror's loop thread"
+        assert store.backend.unwrap()._loop_thread is None, "the asyncio path started the blocking mirror's loop thread"
 
 
 def test_a_cancelled_aget_into_drops_its_stream_and_writes_nothing_afterwards(moto, bucket, proxy):
@@ -158,7 +148,7 @@ def test_a_call_ends_at_its_deadline_against_a_stalled_server(moto, bucket, prox
         direct.put("k", b"x" * 1000)
     # The client's own timeout (timeout_s, 30 s) is far away: only the call's deadline can end it.
     with open_store(moto, bucket, proxy.endpoint, kvstore_timeout_s=30) as store:
-        backend = _innermost(store)
+        backend = store.backend.unwrap()
         name, buffer, data = store.name_of("k"), memoryview(bytearray(1000)), memoryview(b"y" * 1000)
         if path == "blocking":
             calls = {"get_into": lambda: backend.get_into(name, buffer), "get": lambda: backend.get(name),
