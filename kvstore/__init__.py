@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from kvstore.backends.base import ObjectInfo
+from kvstore.backends.base import NOT_LISTED, ObjectInfo
 from kvstore.config import Credentials, StoreConfig, resolve
 from kvstore.errors import (
     AuthError,
@@ -63,6 +63,6 @@ def _warn_if_plain_http(config: StoreConfig) -> None:
 
 __all__ = [
     "AuthError", "BackendUnavailable", "BucketNotFound", "BufferTooSmall", "ConfigError", "Credentials",
-    "IntegrityError", "InvalidKey", "KVStore", "KVStoreError", "ObjectInfo", "PreconditionFailed", "StoreConfig",
+    "IntegrityError", "InvalidKey", "KVStore", "KVStoreError", "NOT_LISTED", "ObjectInfo", "PreconditionFailed", "StoreConfig",
     "StoreTimeout", "StoreUnavailable", "open", "open_config", "resolve",
 ]

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar, overload
 
 from kvstore.backends import call
-from kvstore.backends.base import Backend, ObjectInfo, aclose_pages, as_byte_view, as_writable_view
+from kvstore.backends.base import Backend, ObjectInfo, aclose_pages, as_byte_view, as_writable_view, listed
 from kvstore.config import StoreConfig
 from kvstore.errors import InvalidKey, KVStoreError
 from kvstore.limiter import Inflight
@@ -203,7 +203,7 @@ class KVStore:
             raise KVStoreError("the store is closed")
         after = None if start_after is None else self._prefix + start_after
         for page in self._backend.list_pages(self._prefix + prefix, after):
-            yield [ObjectInfo(self._key_of(i.key), i.size, i.metadata, i.last_modified, i.etag) for i in page]
+            yield [listed(i, self._key_of(i.key)) for i in page]
 
     # -- batches -------------------------------------------------------------------------
     def _map(self, fn: Callable[[Any], T], items: builtins.list[Any]) -> builtins.list[T]:
@@ -216,7 +216,7 @@ class KVStore:
 
     def put_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]], metadata: Mapping[str, str] | None = None) -> None:
         """Store several objects; ``items`` is a mapping or (key, data) pairs."""
-        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        pairs = _distinct_pairs(items)
         self._map(lambda kv: self.put(kv[0], kv[1], metadata), pairs)
 
     def get_many(self, keys: Iterable[str]) -> builtins.list[bytes | None]:
@@ -232,8 +232,10 @@ class KVStore:
         return self._map(self.exists, list(keys))
 
     def delete_many(self, keys: Iterable[str]) -> builtins.list[bool]:
+        """Delete several keys; each answer says whether that key was there (a repeated key: only its first)."""
         names = [self.name_of(k) for k in keys]
-        return self._run(self._backend.delete_many, names) if names else []
+        unique = list(dict.fromkeys(names))
+        return _per_key(names, unique, self._run(self._backend.delete_many, unique) if names else [])
 
     def discard(self, key: str) -> None:
         """Remove ``key`` if it is there, without finding out whether it was (on S3: a DELETE, no HEAD)."""
@@ -241,7 +243,7 @@ class KVStore:
 
     def discard_many(self, keys: Iterable[str]) -> None:
         """``discard`` for several keys; S3 backends send batched DeleteObjects and nothing else."""
-        names = [self.name_of(k) for k in keys]
+        names = list(dict.fromkeys(self.name_of(k) for k in keys))
         if names:
             self._run(self._backend.discard_many, names)
 
@@ -308,12 +310,12 @@ class KVStore:
         try:
             while (page := await self._arun(lambda: anext(pages, None))) is not None:
                 for i in page:
-                    yield ObjectInfo(self._key_of(i.key), i.size, i.metadata, i.last_modified, i.etag)
+                    yield listed(i, self._key_of(i.key))
         finally:
             await aclose_pages(pages)
 
     async def aput_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]], metadata: Mapping[str, str] | None = None) -> None:
-        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        pairs = _distinct_pairs(items)
         await asyncio.gather(*(self.aput(k, d, metadata) for k, d in pairs))
 
     async def aget_many(self, keys: Iterable[str]) -> builtins.list[bytes | None]:
@@ -330,13 +332,14 @@ class KVStore:
 
     async def adelete_many(self, keys: Iterable[str]) -> builtins.list[bool]:
         names = [self.name_of(k) for k in keys]
-        return await self._arun(lambda: self._backend.adelete_many(names)) if names else []
+        unique = list(dict.fromkeys(names))
+        return _per_key(names, unique, await self._arun(lambda: self._backend.adelete_many(unique)) if names else [])
 
     async def adiscard(self, key: str) -> None:
         await self.adiscard_many([key])
 
     async def adiscard_many(self, keys: Iterable[str]) -> None:
-        names = [self.name_of(k) for k in keys]
+        names = list(dict.fromkeys(self.name_of(k) for k in keys))
         if names:
             await self._arun(lambda: self._backend.adiscard_many(names))
 
@@ -378,3 +381,18 @@ class KVStore:
         self.close()
 
 
+def _distinct_pairs(items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The (key, data) pairs of a batched put; a key given twice is an error, since either write could land last."""
+    pairs = list(items.items() if isinstance(items, Mapping) else items)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} is given twice in one batch: which of its values would be stored is undefined")
+        seen.add(key)
+    return pairs
+
+
+def _per_key(names: list[str], unique: list[str], found: list[bool]) -> list[bool]:
+    """Answers for ``names`` from the answers for ``unique``: a repeat finds its key already deleted."""
+    first = dict(zip(unique, found))
+    return [first.pop(name, False) for name in names]

@@ -161,3 +161,13 @@ def test_read_back_that_differs_is_exit_1_and_still_cleaned_up(moto, bucket, che
     assert by_step["read"].error == ("IntegrityError" if checksum == "crc32c" else "WrongAnswer")
     assert by_step["delete"].status == "ok"
     assert objects(moto, bucket) == []
+
+
+def test_a_url_that_names_another_store_than_the_file_is_exit_2(capsys, tmp_path):
+    # As for every other command: check once warned, then probed the command line's store.
+    path = tmp_path / "lmcache.yaml"
+    path.write_text("remote_url: memory://from-the-file\n")
+    assert main(["check", "memory://on-the-command-line", "-c", str(path)]) == 2
+    out = capsys.readouterr().out
+    assert "name different stores" in out
+    assert main(["check", "memory://from-the-file", "-c", str(path)]) == 0

@@ -320,3 +320,91 @@ def test_fuzz_only_config_errors(url, extra):
 def test_fuzz_aws_host_form_never_changes_bucket_or_region(bucket, region, prefix):
     c = r(f"s3://{bucket}.s3.{region}.amazonaws.com/{prefix}")
     assert (c.profile, c.bucket, c.region, c.prefix) == ("aws", bucket, region, prefix)
+
+
+@pytest.mark.parametrize("source", ["kvstore_url", "s3_endpoint", "remote_url in a config file"])
+def test_a_url_in_extra_config_resolves_as_the_same_url_given_directly(source, monkeypatch, tmp_path):
+    # The endpoint must decide the profile whichever way the URL came: a URL from extra_config
+    # once kept the aws profile (virtual-hosted, bucket1.127.0.0.1) while the same URL given
+    # directly was a path-style self-hosted store.
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    endpoint = {"s3_endpoint_url": "http://127.0.0.1:9000"}
+    if source == "remote_url in a config file":
+        path = tmp_path / "lmcache.yaml"
+        path.write_text("remote_url: s3://bucket1/kv\nextra_config:\n  s3_endpoint_url: http://127.0.0.1:9000\n")
+        extra = load_extra_config(str(path), [])
+    else:
+        extra = {source: "s3://bucket1/kv", **endpoint}
+    direct = r("s3://bucket1/kv", endpoint)
+    given = kvstore.resolve(None, extra)
+    assert (given.profile, given.addressing, given.endpoint, given.bucket) == \
+           (direct.profile, direct.addressing, direct.endpoint, direct.bucket) == ("s3", "path", "http://127.0.0.1:9000", "bucket1")
+
+
+@pytest.mark.parametrize("url, profile", [
+    ("s3://bucket1/kv", "file"), ("s3://bucket1/kv", "memory"), ("file:///tmp/x", "minio"), ("memory://x", "file"),
+])
+def test_a_forced_profile_of_another_kind_of_store_is_refused(url, profile):
+    with pytest.raises(ConfigError, match="does not fit") as info:
+        r(url, {"kvstore_profile": profile, "s3_region": "us-east-1"})
+    assert info.value.key == "kvstore_profile"
+
+
+def test_a_forced_s3_profile_still_refines_an_s3_url():
+    c = r("s3://bucket1/kv", {"kvstore_profile": "minio", "s3_endpoint_url": "http://127.0.0.1:9000"})
+    assert (c.profile, c.bucket, c.prefix) == ("minio", "bucket1", "kv")
+
+
+@pytest.mark.parametrize("url", ["s3://bucket1?region=us-west-2", "s3://bucket1/kv#x", "s3://bucket1/kv?",
+                                 "http://127.0.0.1:9000/b12/p?x=1", "file:///tmp/x?y", "memory://x?y"])
+def test_a_query_or_fragment_that_nothing_reads_is_refused(url):
+    with pytest.raises(ConfigError, match="does not read"):
+        r(url, {"s3_region": "us-east-1"})
+
+
+def test_a_presigned_query_is_named_not_quoted():
+    with pytest.raises(ConfigError) as info:
+        r("https://h:9/b12/k?X-Amz-Signature=SIGNATURE123&X-Amz-Credential=AKIAEXAMPLE", {})
+    assert "X-Amz-Signature" in str(info.value) and "SIGNATURE123" not in str(info.value)
+    assert "AKIAEXAMPLE" not in str(info.value)
+
+
+def test_a_plain_path_may_hold_a_question_mark(tmp_path):
+    assert r(str(tmp_path / "a?b")).location.endswith("a?b")
+
+
+def test_a_bucket_with_capitals_in_the_host_is_refused_not_lowercased():
+    with pytest.raises(ConfigError, match="capitals"):
+        r("s3://Bucket1/kv", {"s3_region": "us-east-1"})
+
+
+@pytest.mark.parametrize("argv", [
+    ["kv", "cp", "s3://a1b/x", "s3://c1d/y", f"--set=aws_secret_access_key={SECRET}"],
+    ["ls", "s3://b12", "--sett", f"aws_secret_access_key={SECRET}"],
+    ["resolve", "s3://b12", "--bogus", f"s3_proxy_url=http://u:{SECRET.replace('/', '')}@p:1"],
+])
+def test_usage_errors_never_echo_a_secret(argv, capsys):
+    from kvstore.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err
+    assert SECRET not in err and SECRET.replace("/", "") not in err and "EXAMPLEKEY" not in err
+
+
+@pytest.mark.parametrize("url, extra, key", [
+    ("file:///tmp/x", {"s3_endpoint_url": "http://127.0.0.1:9000"}, "s3_endpoint_url"),
+    ("file:///tmp/x", {"s3_region": "us-east-1"}, "s3_region"),
+    ("memory://x", {"s3_addressing_style": "path"}, "s3_addressing_style"),
+    ("s3://b12", {"s3_region": "x", "kvstore_fsync": True}, "kvstore_fsync"),
+    ("s3://b12", {"s3_region": "x", "s3_prefer_http2": True, "disable_tls": True}, "s3_prefer_http2"),
+])
+def test_a_setting_for_another_kind_of_store_is_named_not_dropped(url, extra, key):
+    with pytest.raises(ConfigError, match="does not apply|needs TLS") as info:
+        r(url, extra)
+    assert info.value.key == key
+    assert r("file:///tmp/x", {"kvstore_fsync": True}).fsync

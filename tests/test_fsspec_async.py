@@ -10,6 +10,8 @@ proxy in front of it runs a thread per connection in this one, which the thread 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 import time
 
@@ -177,3 +179,76 @@ def test_the_asyncio_path_honours_the_deadline_against_a_stalled_server(proxied,
         assert our_threads() - threads <= 1, "the asyncio path started threads"
         proxy.release()
         proxy.clear()
+
+
+def established_to(port: int) -> set[str]:
+    """This process's TCP sockets connected to ``port`` and ESTABLISHED (their inodes, from /proc)."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                ours.add(link[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()  # sl, local, remote, state, ..., inode (the 10th)
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] in ours:
+                    found.add(fields[9])
+    return found
+
+
+def wait_closed(port: int, sockets: set[str], within: float) -> set[str]:
+    """Which of ``sockets`` are still open after at most ``within`` seconds."""
+    end = time.monotonic() + within
+    while (left := sockets & established_to(port)) and time.monotonic() < end:
+        time.sleep(0.02)
+    return left
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads the connection table from /proc")
+def test_close_closes_the_s3fs_client_and_leaves_other_stores_working(s3_servers, unique_name):
+    """close() closes the aiobotocore client's pooled sockets now, not at GC, and only its own store's.
+
+    On SeaweedFS, which keeps connections alive (moto answers ``Connection: close``, so no socket
+    outlives a request there); it runs in a process of its own, so each socket counted is a client's.
+    """
+    server = s3_servers.get("seaweedfs")
+    bucket = unique_name("fsclose")
+    server.create_bucket(bucket)
+    config = server.extra_config(kvstore_backend="fsspec", kvstore_breaker_threshold=0, kvstore_timeout_s=20)
+    buffer = bytearray(len(SMALL))
+    port = server.port
+
+    never_used = kvstore.open(f"s3://{bucket}/a", config)
+    started = time.monotonic()
+    never_used.close()  # no request was made: nothing to close, and no wait
+    assert time.monotonic() - started < 1.0
+
+    before = established_to(port)  # the bucket helper's own pool, if it kept a connection
+    first = kvstore.open(f"s3://{bucket}/a", config)
+    other = kvstore.open(f"s3://{bucket}/a", config)  # open all along, on the same endpoint
+    assert type(first.backend.unwrap()).__name__ == "FsspecS3Backend"
+    assert first.backend.unwrap().fs is not other.backend.unwrap().fs
+    first.put("k", SMALL)
+    assert asyncio.run(first.aget_into("k", buffer)) == len(SMALL) and bytes(buffer) == SMALL
+    first_sockets = established_to(port) - before
+    assert other.get_into("k", buffer) == len(SMALL)
+    other_sockets = established_to(port) - before - first_sockets
+    assert first_sockets and other_sockets, "the clients keep no connection open: the test would show nothing"
+
+    first.close()
+    first.close()  # idempotent
+    left = wait_closed(port, first_sockets, 2.0)
+    assert not left, f"{len(left)} of {len(first_sockets)} connection(s) remain after close(): the client was left open"
+    assert other_sockets <= established_to(port), "closing one store closed another store's connection"
+    assert other.get_into("k", buffer) == len(SMALL) and bytes(buffer) == SMALL
+    assert asyncio.run(other.aget_into("k", buffer)) == len(SMALL)
+
+    with kvstore.open(f"s3://{bucket}/a", config) as later:  # opened afterwards on the same endpoint
+        later.put("k2", SMALL)
+        assert asyncio.run(later.aget_into("k2", buffer)) == len(SMALL) and bytes(buffer) == SMALL
+    other.close()
+    left = wait_closed(port, other_sockets, 2.0)
+    assert not left, f"{len(left)} connection(s) remain after the other store was closed"

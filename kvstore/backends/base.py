@@ -48,9 +48,52 @@ T = TypeVar("T")
 LIST_PAGE = 1000
 
 
+class _NotListed(Mapping[str, str]):
+    """The metadata of an object seen only in a listing: reading it is an error, not an empty mapping."""
+
+    __slots__ = ()
+
+    def _refuse(self) -> KVStoreError:
+        return KVStoreError("a listing carries no object metadata: stat(key) reads it")
+
+    def __getitem__(self, key: str) -> str:
+        raise self._refuse()
+
+    def __iter__(self) -> Iterator[str]:
+        raise self._refuse()
+
+    def __len__(self) -> int:
+        raise self._refuse()
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __repr__(self) -> str:
+        return "NOT_LISTED"
+
+    def __reduce__(self) -> str:
+        return "NOT_LISTED"  # pickled by name: one value in every process (Ray workers)
+
+
+NOT_LISTED: Mapping[str, str] = _NotListed()
+
+
+def listed(info: ObjectInfo, key: str) -> ObjectInfo:
+    """``info`` from a listing, under ``key``; empty metadata there means not listed."""
+    metadata = info.metadata if info.metadata is NOT_LISTED or len(info.metadata) else NOT_LISTED
+    return ObjectInfo(key, info.size, metadata, info.last_modified, info.etag)
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
-    """What ``stat`` knows of one object. ``key`` is relative to the store's prefix."""
+    """What ``stat`` knows of one object. ``key`` is relative to the store's prefix.
+
+    In a listing (``scan``) ``metadata`` is ``NOT_LISTED`` unless the backend listed it: S3's
+    ListObjectsV2 carries none, and an empty mapping would say the object has none.
+    """
 
     key: str
     size: int

@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from kvstore.errors import BucketNotFound, StoreUnavailable
 from kvstore.layers.integrity import CRC_KEY, crc32c
 
 
@@ -42,7 +43,15 @@ class BucketProbe:
         lock = self._locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
         async with lock:
             if not self._seen:
-                await probe()
+                try:
+                    await probe()
+                except StoreUnavailable as exc:
+                    if exc.status != 404:
+                        raise
+                    # A listing of the bucket answered 404 with no NoSuchBucket: no bucket there,
+                    # and most likely no S3 server either.
+                    raise BucketNotFound(f"{exc}: the bucket does not answer, and the 404 carried no S3 error "
+                                         "code: is the endpoint an S3 endpoint?") from exc
                 self._seen = True
 
 

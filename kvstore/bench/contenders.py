@@ -9,6 +9,7 @@ cannot run here raises from ``open()``; the runner reports the reason instead of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import zlib
@@ -89,9 +90,16 @@ class Contender:
 
     def close(self) -> None:
         if self.loop is not None:
+            if self.loop.is_running():
+                # Whatever still waits on the loop (a client's worker tasks) is cancelled and let end
+                # there first: a loop stopped under pending tasks reports each "destroyed but pending".
+                with contextlib.suppress(Exception):
+                    self.run_on_loop(_cancel_pending(), 5)
             self.loop.call_soon_threadsafe(self.loop.stop)
             if self._loop_thread:
                 self._loop_thread.join(5)
+            if not self.loop.is_running() and not self.loop.is_closed():
+                self.loop.close()
 
     def _start_loop(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -454,8 +462,30 @@ class LMCacheContender(Contender):
         return await self.connector.exists(self._key(i))
 
     def close(self) -> None:
-        # Its close() deadlocks (the executor's shutdown waits on its own loop): leave it to process exit.
+        # The connector's own close() deadlocks: it calls its AsyncPQExecutor's blocking shutdown()
+        # on the very loop that shutdown waits on. The executor's coroutine is awaited there instead
+        # (wait=False: with wait=True it cancels its workers and then waits for them to drain the
+        # queue, which never happens); the base class then cancels and ends whatever is left.
+        inner = getattr(self, "connector", None)
+        inner = getattr(inner, "_connector", inner)
+        executor = getattr(inner, "pq_executor", None)
+        if executor is not None and self.loop is not None and self.loop.is_running():
+            with contextlib.suppress(Exception):
+                self.run_on_loop(executor.shutdown_async(wait=False), 5)
+        source = getattr(self, "source", None)
+        if source is not None:
+            source.ref_count_down()  # the allocation's own reference, held since open()
+            self.source = None
         super().close()
+
+
+async def _cancel_pending() -> None:
+    """Cancel every other task on the running loop and wait until each has ended."""
+    current = asyncio.current_task()
+    pending = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 BASELINE_CLASSES: dict[str, type[Contender]] = {

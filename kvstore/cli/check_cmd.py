@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from kvstore.cli.common import add_json_argument, add_store_arguments, load_extra_config, print_json
+from kvstore.cli.common import add_json_argument, add_store_arguments, check_same_store, load_extra_config, print_json
 from kvstore.errors import ConfigError
 
 
@@ -33,8 +33,8 @@ def _settings(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
     if args.config:
         raw = config_gen.read_file(args.config)
         file_url, extra = config_gen.store_settings(raw)
-        if url and file_url and url != file_url:
-            print(f"warning: the URL on the command line replaces {file_url} from {args.config}", file=sys.stderr)
+        if url and file_url:
+            check_same_store(url, file_url, args.config)  # as every other command does: naming two stores is an error
         url = url or file_url
         for warning in config_gen.file_warnings(raw):
             print(f"warning: {warning}", file=sys.stderr)

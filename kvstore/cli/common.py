@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kvstore.errors import ConfigError, KVStoreError
 
@@ -74,6 +75,28 @@ def _load_file(path: str) -> dict[str, Any]:
     return nested
 
 
+# NAME=VALUE where NAME starts a word or follows an option's "=" (--set=NAME=VALUE).
+_ASSIGNMENT = re.compile(r"(?<![^\s'\"=])(?P<name>[A-Za-z_][A-Za-z0-9_.]*)=(?P<value>[^\s'\"]*)")
+_URL_WITH_USER = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]*@[^\s'\"]*")
+
+
+def redact_arguments(text: str) -> str:
+    """``text`` (an argparse message quoting the command line) with secret values and URL passwords hidden."""
+    from kvstore.config.keys import is_secret, redact_url
+
+    def assignment(match: re.Match[str]) -> str:
+        return f"{match['name']}=***" if is_secret(match["name"], match["value"]) else match[0]
+
+    return _URL_WITH_USER.sub(lambda m: redact_url(m[0]), _ASSIGNMENT.sub(assignment, text))
+
+
+class RedactingParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors never echo a secret (``--sett aws_secret_access_key=...``)."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(redact_arguments(message))
+
+
 def _same(a: Any, b: Any) -> bool:
     return a == b or str(a).strip().rstrip("/") == str(b).strip().rstrip("/")
 
@@ -93,13 +116,17 @@ def url_and_config(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]
         url = None  # taken from the config file's remote_url / kvstore_url
     file_url = extra.get("kvstore_url")
     from_sets = any(item.partition("=")[0].strip() == "kvstore_url" for item in getattr(args, "set", []))
-    if url is not None and path and file_url and not from_sets and not _same(url, file_url):
-        _check_same_store(url, str(file_url), path)
+    if url is not None and path and file_url and not from_sets:
+        check_same_store(url, str(file_url), path)
     return url, extra
 
 
-def _check_same_store(url: str, file_url: str, path: str) -> None:
+def check_same_store(url: str, file_url: str, path: str) -> None:
+    """Raise ``ConfigError`` when the command line's URL and the config file's name different stores."""
     import os
+
+    if _same(url, file_url):
+        return
 
     from kvstore.config.profiles import detect
 

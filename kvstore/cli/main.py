@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import kvstore
-from kvstore.cli.common import EXIT_OK, EXIT_USAGE, exit_code_for, url_and_config
+from kvstore.cli.common import EXIT_OK, EXIT_USAGE, RedactingParser, exit_code_for, url_and_config
 
 # Modules with a ``register(subparsers)`` function; each keeps its heavy imports inside its handlers.
 COMMAND_MODULES = (
@@ -26,7 +26,7 @@ COMMAND_MODULES = (
 TLS_HINT = "the endpoint may not speak TLS: use http:// or disable_tls"
 
 
-class _CommandParser(argparse.ArgumentParser):
+class _CommandParser(RedactingParser):
     """A command's parser: options and positionals in any order, and ``-v`` after the command too."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -48,7 +48,7 @@ class _CommandParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvstore", description="LLM KV-cache chunks in object stores.")
+    parser = RedactingParser(prog="kvstore", description="LLM KV-cache chunks in object stores.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {kvstore.__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log more: -v kvstore's INFO, -vv kvstore's DEBUG (other libraries stay at WARNING)")

@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from kvstore.config.keys import redact_url
 from kvstore.errors import ConfigError
@@ -190,6 +190,11 @@ def _detect_s3(url: str) -> Detected:
             return Detected("minio", bucket, "", _hostport(domain, port), None, "virtual", None,
                             fields_from_url=("bucket", "endpoint", "addressing"))
         raise ConfigError(f"no bucket in {url!r}: expected s3://{_hostport(host, port)}/BUCKET[/prefix]")
+    written = parts.netloc.rpartition("@")[2].split(":", 1)[0]
+    if written != host:
+        # The host part is read case-insensitively, so S3 would be asked for another bucket.
+        raise ConfigError(f"bucket {written!r} in {url!r} has capitals: S3 bucket names are lowercase "
+                          f"(a legacy bucket with capitals: https://s3.REGION.amazonaws.com/{written})")
     return Detected("aws", host, prefix_only, fields_from_url=("bucket",))
 
 
@@ -309,6 +314,16 @@ def _detect_checked(url: str) -> Detected:
     if any(ord(c) < 32 for c in url):
         raise ConfigError(f"control characters in URL {url!r}")
     _check_shape(url)
+    if _scheme(url) in _OWN_SCHEMES:
+        parts = urlsplit(url)
+        if parts.query or parts.fragment or url.endswith(("?", "#")):
+            # Nothing reads them, and a setting written there (?region=...) would be lost in silence.
+            # Only the names are quoted: a presigned URL's query carries a signature.
+            base = url.split("?", 1)[0].split("#", 1)[0]
+            names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
+            what = f"query parameters {', '.join(names)}" if names else "a query or fragment"
+            raise ConfigError(f"{base!r} is followed by {what}, which kvstore does not read: give settings in "
+                              f"extra_config (s3_region, s3_endpoint_url, ...) and percent-encode '?' and '#' in a prefix")
     for _, matches, rule in RULES:
         if matches(url):
             try:

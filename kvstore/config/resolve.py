@@ -136,6 +136,13 @@ def resolve(url: str | None, extra_config: Mapping[str, Any] | None = None, *, e
         if profile_name not in profile_names():
             raise ConfigError(f"kvstore_profile: no profile {profile_name!r} (profiles: {', '.join(profile_names())})",
                               key="kvstore_profile")
+        forced, named = profile_named(profile_name), profile_named(detected.profile)
+        if profile_name != detected.profile and not (forced.is_s3 and named.is_s3):
+            # An S3 profile may refine an s3:// URL (minio, coreweave); nothing may turn one store kind into another.
+            kind = "an S3" if named.is_s3 else f"the {detected.profile}"
+            raise ConfigError(f"kvstore_profile {profile_name!r} does not fit {kind} store "
+                              f"{K.redact_url(str(url or extra.get('kvstore_url') or extra.get('s3_endpoint')))}: "
+                              f"drop kvstore_profile or give a URL of that kind", key="kvstore_profile")
     b.values["profile"] = profile_name
     b.sources.setdefault("profile", url_source)
 
@@ -226,7 +233,7 @@ def _apply_endpoint_url(b: _Builder, endpoint_url: str, source: str, detected: D
     b.sources["endpoint"] = source
     b.set("tls", parts.scheme == "https", source, conflict_with_url=False)
     host = (parts.hostname or "").lower()  # never empty: parse_endpoint_url requires a host
-    if b.sources["profile"].startswith("extra_config"):
+    if b.sources["profile"] == "extra_config:kvstore_profile":  # forced: the host does not decide
         return
     if host.endswith(("cwlota.com", "cwobject.com")):
         b.values["profile"] = "coreweave"
@@ -238,6 +245,9 @@ def _apply_endpoint_url(b: _Builder, endpoint_url: str, source: str, detected: D
     b.sources["profile"] = source
 
 
+_S3_ONLY = ("bucket", "endpoint", "region", "addressing")
+
+
 def _apply_profile_defaults(b: _Builder, profile: Profile) -> None:
     from kvstore import plugins
 
@@ -245,8 +255,14 @@ def _apply_profile_defaults(b: _Builder, profile: Profile) -> None:
     if "backend" not in b.values:
         chosen = plugins.default_backend(profile.name)
         b.default("backend", chosen.name, f"{src} (its highest-priority installed backend)")
+    # A setting for another kind of store would be dropped in silence: name it instead.
+    for name in (_S3_ONLY if not profile.is_s3 else ()) + (("fsync",) if profile.name != "file" else ()):
+        source = b.sources.get(name, "")
+        if source.startswith("extra_config:"):
+            key = source.partition(":")[2]
+            raise ConfigError(f"{key} does not apply to the {profile.name} profile: drop it", key=key)
     if not profile.is_s3:
-        for name in ("bucket", "endpoint", "region", "addressing"):
+        for name in _S3_ONLY:
             b.values.pop(name, None)
             b.sources.pop(name, None)
         b.default("tls", False, src)
@@ -261,6 +277,10 @@ def _apply_profile_defaults(b: _Builder, profile: Profile) -> None:
     b.default("tls", True, src)
     b.default("s3express", profile.name == "s3express", src)
     b.default("prefer_http2", profile.prefer_http2, src)
+    if b.values["prefer_http2"] and not b.values["tls"] and b.sources["prefer_http2"].startswith("extra_config:"):
+        # HTTP/2 is negotiated in the TLS handshake (ALPN): over plain HTTP the setting would do nothing.
+        raise ConfigError("s3_prefer_http2 needs TLS, and this endpoint is plain HTTP: drop one of them",
+                          key=b.sources["prefer_http2"].partition(":")[2])
     bucket = b.values.get("bucket", "")
     if profile.name == "s3express":
         _express_region(b, bucket)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvstore.backends.base import ObjectInfo
+from kvstore.backends.base import NOT_LISTED, ObjectInfo
 from kvstore.errors import AuthError, BucketNotFound, ConfigError, IntegrityError, KVStoreError
 from kvstore.kv.concurrency import parallel_map, windows
 from kvstore.kv.inventory import parse_chunk_name
@@ -173,7 +173,7 @@ def _destination_info(dst: Any, key: str) -> ObjectInfo | None:
 def _copy_one(src: Any, dst: Any, listed: ObjectInfo, buffers: _Buffers, dry_run: bool) -> Outcome:
     """(action, bytes written, reason of a failure) for one listed object."""
     info = listed
-    if not info.metadata:  # S3 and file listings carry no metadata: one HEAD
+    if info.metadata is NOT_LISTED:  # S3 and file listings carry no metadata: one HEAD
         info = src.stat(listed.key)
         if info is None:
             return GONE, 0, ""

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from kvstore.backends.base import ObjectInfo
+from kvstore.backends.base import NOT_LISTED, ObjectInfo
 from kvstore.errors import ConfigError, KVStoreError
 from kvstore.kv.copy import Outcome
 
@@ -50,7 +50,7 @@ def _portable(config: Any) -> Any:
 
 
 def _plain(info: ObjectInfo) -> ObjectInfo:
-    return dataclasses.replace(info, metadata=dict(info.metadata))
+    return info if info.metadata is NOT_LISTED else dataclasses.replace(info, metadata=dict(info.metadata))
 
 
 def copy_on_ray(src_config: Any, dst_config: Any, batches: Iterable[list[ObjectInfo]], address: str, dry_run: bool,

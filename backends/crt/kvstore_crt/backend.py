@@ -269,8 +269,9 @@ class CrtBackend(HeadThenDelete, AsyncBackend):
         try:
             await self._call(f"{what}: probing the bucket", "HEAD", self._path(None), operation="HeadBucket")
         except ObjectMissing as exc:
+            unlike_s3 = "" if missing.code else f"; the 404 carried no S3 error code: is {self.config.endpoint} an S3 endpoint?"
             raise BucketNotFound(f"{what}: the bucket {self.config.bucket!r} does not exist "
-                                 f"(HEAD of the bucket: HTTP 404)") from exc
+                                 f"(HEAD of the bucket: HTTP 404{unlike_s3})") from exc
 
     # -- objects -----------------------------------------------------------------------------
     async def aput(self, name: str, data: memoryview, metadata: Mapping[str, str], *, if_absent: bool = False) -> None:
@@ -383,7 +384,12 @@ class CrtBackend(HeadThenDelete, AsyncBackend):
                 params.append(("continuation-token", token))
             elif start_after is not None:
                 params.append(("start-after", start_after))
-            answer = await self._call("list", "GET", self._path(None, encode_query(params)), operation="ListObjectsV2")
+            try:
+                answer = await self._call("list", "GET", self._path(None, encode_query(params)), operation="ListObjectsV2")
+            except ObjectMissing as exc:
+                await self._miss(f"list {prefix!r}", exc)  # BucketNotFound when the bucket is not there
+                raise StoreUnavailable(f"list {prefix!r}: ListObjectsV2 answered HTTP 404 in a bucket that exists",
+                                       retryable=False) from exc
             entries, token = parse_list_page(bytes(answer.body), f"list {prefix!r}")
             yield [ObjectInfo(name, size, {}, modified, etag) for name, size, modified, etag in entries]
             if not token:

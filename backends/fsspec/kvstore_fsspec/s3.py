@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from kvstore.backends import call
 from kvstore.backends.base import PIECE, ObjectInfo, OnChunk, ReadResult, ca_bundle_pem
-from kvstore.backends.coroutines import CANCEL_GRACE_S, AsyncBackend, LoopThread, future_result
+from kvstore.backends.coroutines import CANCEL_GRACE_S, AsyncBackend, LoopThread, asyncio_running_loop, future_result
 from kvstore.backends.s3delete import HeadThenDelete
 from kvstore.backends.s3errors import from_status
 from kvstore.backends.s3probe import BucketProbe, crc32c_b64, crc32c_b64_of
@@ -46,6 +47,9 @@ _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
 # again may well succeed.
 _RESEND_CODES = {"BadDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"}
 _CONNECTION_NAMES = re.compile(r"Connect|ServerDisconnected|ClientOSError|ClientPayloadError|ResponseStreamingError")
+# How long close() waits for the client's connections to close on s3fs's loop.
+_CLOSE_TIMEOUT_S = 2.0
+log = logging.getLogger(__name__)
 
 
 async def on_loop(loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[T]], what: str, timeout_s: float) -> T:
@@ -122,16 +126,36 @@ class FsspecS3Backend(HeadThenDelete, AsyncBackend, FsspecBackend):
         self._probe = BucketProbe()
         # The mirrors' loop is s3fs's, where the client lives: no loop thread of our own.
         self._loop_thread = _S3fsLoop(self.fs.loop)
+        self._client_closed = False
 
     def _filesystem(self, config) -> tuple[Any, str]:
+        # skip_instance_cache: the filesystem, its session and its client are this backend's alone,
+        # so close() may close them without breaking another store on the same endpoint.
         return _s3_filesystem(config), config.bucket
 
     def _loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop_closed:
+            raise StoreUnavailable("the backend is closed", retryable=False)
         return self.fs.loop
+
+    def close(self) -> None:
+        """Close the aiobotocore client s3fs made for this backend (its sockets), on s3fs's loop. Idempotent.
+
+        The loop itself is fsspec's and keeps running. Bounded by ``_CLOSE_TIMEOUT_S``; a backend
+        that never made a request has no client to close.
+        """
+        with self._loop_lock:
+            done, self._client_closed = self._client_closed, True
+        super().close()  # from here on no request starts (_run and _loop refuse)
+        if not done:
+            _close_client(self.fs)
 
     # -- running and errors -------------------------------------------------------------------
     async def _run(self, what: str, work: Callable[[Any], Awaitable[T]]) -> T:
         """``await work(client)`` on s3fs's loop within the deadline; failures as kvstore errors."""
+        if self._loop_closed:
+            raise StoreUnavailable(f"{what}: the backend is closed", retryable=False)
+
         async def go() -> T:
             try:
                 await self.fs.set_session()
@@ -148,6 +172,8 @@ class FsspecS3Backend(HeadThenDelete, AsyncBackend, FsspecBackend):
         if isinstance(response, dict) and "ResponseMetadata" in response:
             status = response["ResponseMetadata"].get("HTTPStatusCode") or 0
             code = response.get("Error", {}).get("Code")
+            if code == str(status):  # botocore's stand-in when the answer had no S3 error code
+                code = None
             if code == "NoSuchBucket":
                 self._probe.forget()
                 return BucketNotFound(f"{what}: bucket {self.bucket!r} does not exist")
@@ -340,6 +366,37 @@ class FsspecS3Backend(HeadThenDelete, AsyncBackend, FsspecBackend):
                 raise StoreUnavailable(f"list {prefix!r}: the server repeated a continuation token", retryable=False)
             seen.add(next_token)
             token = next_token
+
+
+def _close_client(fs) -> None:
+    """Close ``fs``'s aiobotocore client on s3fs's loop, waiting ``_CLOSE_TIMEOUT_S`` at most.
+
+    As s3fs's own ``close_session`` does (``__aexit__`` of what ``set_session`` entered), under
+    s3fs's session lock, so a session being set up meanwhile is closed too, not left behind.
+    Closing twice is harmless: aiobotocore's exit is idempotent (s3fs's finalizer repeats it at GC).
+    """
+    loop: asyncio.AbstractEventLoop = fs.loop
+    if loop.is_closed() or not loop.is_running():
+        return  # nothing runs on the loop any more: its sockets go with the process
+
+    async def shut() -> None:
+        async with getattr(fs, "_set_session_lock", None) or contextlib.nullcontext():
+            creator = getattr(fs, "_s3creator", None)
+            if creator is not None:  # None: no request was ever made
+                await creator.__aexit__(None, None, None)
+
+    running = asyncio_running_loop()
+    if running is not None and running is loop:  # called on s3fs's loop itself: waiting here would stop it
+        running.create_task(_quietly(shut()))
+        return
+    future = asyncio.run_coroutine_threadsafe(shut(), loop)
+    try:
+        future.result(_CLOSE_TIMEOUT_S)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        log.debug("the s3fs client did not close within %.1f s", _CLOSE_TIMEOUT_S)
+    except Exception as exc:  # closing is best effort: the store is closed either way
+        log.debug("closing the s3fs client failed: %r", exc)
 
 
 async def _quietly(coro) -> None:
